@@ -1,0 +1,48 @@
+"""``exim-policy`` command line: argparse subcommands, each in exim_policy/commands/.
+
+``main(argv)`` returns the exit status. Expected failures (bad config, unreachable
+Rspamd, unreadable input) print one clear line on stderr and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .commands import MODULES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exim-policy",
+        description="Outbound- and forwarding-spam policy layer for Exim + Rspamd.")
+    parser.add_argument("--version", action="version", version=f"exim-policy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in MODULES:
+        module = importlib.import_module(f".commands.{name}", __package__)
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    from .config import ConfigError
+
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"exim-policy: config: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every key has a default in its dataclass field. Unknown keys, wrong types and bad values
+raise :class:`ConfigError` naming the dotted key (``forwarding.sources[2].path: ...``), so a
+typo fails at start-up instead of silently using a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import sys
+import typing
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model import MAX_ACTION_BYTES, FailureMode, Traffic
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/exim-policy/config.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the administrator (no traceback needed)."""
+
+
+# --------------------------------------------------------------------------- value types --
+@dataclass(frozen=True)
+class ListenAddress:
+    """``host:port``, ``[v6]:port`` or ``unix:/path``."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host is not None and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    if not isinstance(text, str) or not text:
+        raise ValueError("expected 'host:port', '[v6]:port' or 'unix:/path'")
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: a unix socket path must be absolute")
+        return ListenAddress(path=path)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected '[v6]:port'")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r}: expected 'host:port', '[v6]:port' or 'unix:/path'")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{text!r}: the host must be an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: bad port {port!r}")
+    return ListenAddress(host=host, port=int(port))
+
+
+def _listen_list(value: object) -> tuple[ListenAddress, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError("expected a string or a list of strings")
+    return tuple(parse_listen(item) for item in items)
+
+
+def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of networks such as '192.0.2.0/24'")
+    nets = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a string")
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network") from None
+    return tuple(nets)
+
+
+def _actions(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of Rspamd action names")
+    for action in value:
+        if not action or len(action.encode()) > MAX_ACTION_BYTES or "\r" in action or "\n" in action:
+            raise ValueError(f"{action!r} is not a valid action name")
+    return tuple(value)
+
+
+def _http_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL string")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{value!r}: expected http://host:port (Rspamd's normal worker)")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{value!r}: bad port") from None
+    return value.rstrip("/")
+
+
+def _positive(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("expected a positive number")
+    return float(value)
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a positive whole number")
+    return value
+
+
+def _log_level(value: object) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if value not in levels:
+        raise ValueError(f"expected one of {', '.join(levels)}")
+    return str(value)
+
+
+def _parse(fn):
+    """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises."""
+    return {"parse": fn}
+
+
+# ----------------------------------------------------------------------------- sections --
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...] = field(
+        default=(ListenAddress(host="127.0.0.1", port=11335),), metadata=_parse(_listen_list))
+    allowed_clients: tuple = field(
+        default=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        metadata=_parse(_networks))
+    #: the one-line policy-helper protocol for ${readsocket}; empty = off
+    query_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
+    #: connections served at once; further ones wait up to ``queue_timeout`` for a slot
+    max_connections: int = field(default=256, metadata=_parse(_positive_int))
+    queue_timeout: float = field(default=10.0, metadata=_parse(_positive))
+    #: larger requests are refused as soon as their Content-length is read
+    max_message_size: int = field(default=50 * 1024 * 1024, metadata=_parse(_positive_int))
+    #: longest wait for the next bytes of a request
+    read_timeout: float = field(default=30.0, metadata=_parse(_positive))
+    #: longest time to receive one whole request
+    request_timeout: float = field(default=110.0, metadata=_parse(_positive))
+
+
+@dataclass(frozen=True)
+class SettingsIds:
+    """Rspamd ``Settings-ID`` sent per traffic class; an empty string sends none."""
+
+    inbound: str = "exim-policy-inbound"
+    outbound: str = "exim-policy-outbound"
+    forwarding: str = "exim-policy-forwarding"
+
+    def for_traffic(self, traffic: Traffic) -> str:
+        return getattr(self, traffic.value)
+
+
+@dataclass(frozen=True)
+class RspamdConfig:
+    url: str = field(default="http://127.0.0.1:11333", metadata=_parse(_http_url))
+    #: keep below Exim's spamd_address tmo= (the bundled config uses 30s)
+    timeout: float = field(default=8.0, metadata=_parse(_positive))
+    settings_id: SettingsIds = SettingsIds()
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    relay_networks: tuple = field(default=(), metadata=_parse(_networks))
+    #: Rspamd actions that mean "outbound spam"; answered as reject (-> quarantine redirect)
+    spam_actions: tuple[str, ...] = field(default=("reject",), metadata=_parse(_actions))
+
+
+@dataclass(frozen=True)
+class ForwardingSource:
+    type: str = ""
+    path: str = ""
+    #: lsearch: domain for keys that are bare local parts (/etc/aliases style)
+    domain: str = ""
+    #: sqlite: a query returning (source, destination) rows
+    query: str = ""
+
+    def check(self) -> None:
+        if self.type not in ("lsearch", "sqlite"):
+            raise ConfigError("type: expected 'lsearch' or 'sqlite'")
+        if not self.path:
+            raise ConfigError("path: required")
+        if self.type == "sqlite" and not self.query:
+            raise ConfigError("query: required for a sqlite source")
+
+
+@dataclass(frozen=True)
+class ForwardingConfig:
+    #: the built map (Rspamd multimap format), read by the shim and by Rspamd
+    map: str = "/var/lib/exim-policy/forwardings.txt"
+    #: inbound Rspamd actions that become reject when a recipient forwards externally
+    spam_actions: tuple[str, ...] = field(
+        default=("add header", "rewrite subject"), metadata=_parse(_actions))
+    #: how often the map file is checked for changes (seconds)
+    reload_interval: float = field(default=2.0, metadata=_parse(_positive))
+    local_domains: tuple[str, ...] = ()
+    local_domains_file: str = ""
+    #: compare local parts case-sensitively (Exim's lsearch is case-insensitive by default)
+    case_sensitive_local_parts: bool = False
+    #: optional second output: an Exim lsearch file ("address: yes") for ACL lookups
+    lsearch_output: str = ""
+    sources: tuple[ForwardingSource, ...] = ()
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """The answer per traffic class when Rspamd gives no verdict."""
+
+    inbound: FailureMode = FailureMode.ACCEPT
+    outbound: FailureMode = FailureMode.TEMPFAIL
+    forwarding: FailureMode = FailureMode.TEMPFAIL
+
+    def for_traffic(self, traffic: Traffic) -> FailureMode:
+        return getattr(self, traffic.value)
+
+
+@dataclass(frozen=True)
+class SpamcConfig:
+    """The SpamAssassin side: its ``User:`` is the name in Exim's ``spam = NAME``."""
+
+    #: User: values that mean "not authenticated"; any other value is taken as the
+    #: authenticated id (``spam = ${if def:authenticated_id{$authenticated_id}{nobody}}``)
+    anonymous_users: tuple[str, ...] = ("nobody",)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = field(default="info", metadata=_parse(_log_level))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    rspamd: RspamdConfig = RspamdConfig()
+    outbound: OutboundConfig = OutboundConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
+    failure: FailureConfig = FailureConfig()
+    spamc: SpamcConfig = SpamcConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ------------------------------------------------------------------------------- loader --
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Config:
+    config = _build(Config, data, "")
+    for i, source in enumerate(config.forwarding.sources):
+        try:
+            source.check()
+        except ConfigError as exc:
+            raise ConfigError(f"forwarding.sources[{i}].{exc}") from None
+    return config
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls, data: object, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key"
+                          f" (known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, raw in data.items():
+        key = _join(path, name)
+        parse = fields[name].metadata.get("parse")
+        try:
+            values[name] = parse(raw) if parse else _convert(hints[name], raw, key)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return cls(**values)
+
+
+def _convert(tp, raw: object, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, raw, key)
+    if isinstance(tp, type) and issubclass(tp, FailureMode):
+        try:
+            return tp(raw)
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(m.value for m in tp)}") from None
+    if tp is bool:
+        if not isinstance(raw, bool):
+            raise ValueError("expected true or false")
+        return raw
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ValueError("expected a string")
+        return raw
+    if origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if not isinstance(raw, list):
+            raise ValueError("expected a list")
+        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(raw))
+    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in this module

@@ -1,0 +1,165 @@
+"""Values that cross module boundaries: frozen dataclasses, no I/O.
+
+The action strings are Rspamd's names and, at the same time, the exact ``$spam_action``
+values the bundled Exim configuration compares ("no action", "add header", ...).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+NO_ACTION = "no action"
+GREYLIST = "greylist"
+ADD_HEADER = "add header"
+REWRITE_SUBJECT = "rewrite subject"
+SOFT_REJECT = "soft reject"
+REJECT = "reject"
+
+#: Exim keeps at most 31 bytes of the ``Action:`` line (``spam_action_buffer[32]``).
+MAX_ACTION_BYTES = 31
+
+
+class Traffic(str, enum.Enum):
+    """Which way a message flows; each class has its own Settings-ID and failure outcome."""
+
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+    #: inbound mail with at least one recipient that forwards to an external mailbox
+    FORWARDING = "forwarding"
+
+
+class FailureMode(str, enum.Enum):
+    """What to answer when the scanner cannot give a verdict."""
+
+    ACCEPT = "accept"      # answer "no action"
+    TEMPFAIL = "tempfail"  # answer "soft reject" (the bundled ACL turns it into 451)
+    DEFER = "defer"        # close without an answer, so Exim's spam condition DEFERs
+
+
+@dataclass(frozen=True)
+class Request:
+    """One complete request as a codec parsed it; nothing interpreted yet.
+
+    Header names keep the case they were sent in, values are decoded as latin-1 so that
+    8-bit bytes (SMTPUTF8 addresses, raw HELO) survive a round trip unchanged.
+    """
+
+    protocol: str  # "rspamc" (Exim variant=rspamd) or "spamc" (SpamAssassin)
+    command: str   # "CHECK", "SYMBOLS", "REPORT", "PING", ...
+    version: str   # "1.3", "1.2", "1.5", ...
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        """First value of a header, matched case-insensitively."""
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+    def header_values(self, name: str) -> tuple[str, ...]:
+        lname = name.lower()
+        return tuple(value for key, value in self.headers if key.lower() == lname)
+
+
+@dataclass(frozen=True)
+class ProtocolError:
+    """A request that cannot be served; the codec's reply for it is an error line + close."""
+
+    code: int  # sysexits code, 76 = EX_PROTOCOL
+    text: str
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope as Exim knew it at DATA time.
+
+    ``sender`` is "" for a bounce (``<>``) and None when the peer did not say.
+    ``user`` is the authenticated id (Exim's ``$authenticated_id``), None when unauthenticated.
+    """
+
+    sender: str | None = None
+    recipients: tuple[str, ...] = ()
+    ip: str | None = None
+    helo: str | None = None
+    hostname: str | None = None
+    user: str | None = None
+    queue_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    score: float = 0.0
+    options: tuple[str, ...] = ()
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Rspamd's verdict (``/checkv2`` JSON), reduced to what the policy and replies use."""
+
+    action: str
+    score: float
+    required_score: float
+    symbols: tuple[Symbol, ...] = ()
+    #: ``messages`` object of the reply, as (key, text) pairs, e.g. ("smtp_message", "...")
+    messages: tuple[tuple[str, str], ...] = ()
+    message_id: str | None = None
+    #: rewritten subject, only with "rewrite subject"
+    subject: str | None = None
+    is_skipped: bool = False
+    #: milter header edits Rspamd asked for, kept for the ``test`` command and PROCESS
+    add_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ScanFailure:
+    """The scanner gave no usable verdict (down, timeout, HTTP error, bad JSON)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the shim knows that Rspamd does not."""
+
+    #: recipients (as given in the envelope) that forward to an external mailbox
+    forwarding: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The final answer for one message.
+
+    ``action`` is the ``$spam_action`` to send. When ``defer`` is true no answer is sent at
+    all: the connection is closed so that Exim's ``spam`` condition DEFERs.
+    """
+
+    action: str
+    traffic: Traffic
+    #: one sentence for ``$spam_report`` and the log: why this action
+    reason: str
+    #: context symbols the shim adds to the reply (score 0, flags for the admin)
+    symbols: tuple[Symbol, ...] = ()
+    scan: ScanResult | None = None
+    failure: ScanFailure | None = None
+    defer: bool = False
+    forwarding: tuple[str, ...] = ()
+    #: why the message was classified as it was ("authenticated as alice", ...)
+    traffic_reason: str = ""
+    #: custom message text to show in the SMTP reply (Message: line); None keeps Rspamd's
+    message: str | None = field(default=None)
+
+    @property
+    def score(self) -> float:
+        return self.scan.score if self.scan is not None else 0.0
+
+    @property
+    def required_score(self) -> float | None:
+        return self.scan.required_score if self.scan is not None else None
+
+    @property
+    def is_reject(self) -> bool:
+        return self.action == REJECT and not self.defer
