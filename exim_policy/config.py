@@ -130,6 +130,13 @@ def _positive_int(value: object) -> int:
     return value
 
 
+def _octal_mode(value: object) -> int:
+    if not isinstance(value, str) or not value or any(c not in "01234567" for c in value) \
+            or int(value, 8) > 0o777:
+        raise ValueError("expected an octal file mode string such as \"0660\"")
+    return int(value, 8)
+
+
 def _log_level(value: object) -> str:
     levels = ("debug", "info", "warning", "error")
     if value not in levels:
@@ -152,6 +159,9 @@ class ServerConfig:
         metadata=_parse(_networks))
     #: the one-line policy-helper protocol for ${readsocket}; empty = off
     query_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
+    #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
+    #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
+    unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode))
     #: connections served at once; further ones wait up to ``queue_timeout`` for a slot
     max_connections: int = field(default=256, metadata=_parse(_positive_int))
     queue_timeout: float = field(default=10.0, metadata=_parse(_positive))

@@ -1,0 +1,21 @@
+"""Scanners behind one small interface: bytes + envelope in, :class:`ScanResult` out.
+
+A scanner raises :class:`ScannerError` for every failure to get a verdict (refused,
+timeout, HTTP error, bad JSON); the caller maps that to the configured failure outcome in
+one place.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..model import Envelope, ScanResult
+
+
+class ScannerError(Exception):
+    """No verdict; the message says why, in words for the log."""
+
+
+class Scanner(Protocol):
+    async def scan(self, message: bytes, envelope: Envelope, settings_id: str) -> ScanResult:
+        """Scan ``message`` (RFC 5322 bytes, no mbox From_ line)."""
+        ...

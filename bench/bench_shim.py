@@ -1,0 +1,152 @@
+"""Throughput, latency and CPU: Exim-style requests through the shim vs. straight to Rspamd.
+
+Both paths get the same bytes (the exact ``CHECK RSPAMC/1.3`` request Exim sends, mbox-wrapped
+body, one connection per message) at the same concurrency, in alternating rounds of one run,
+so machine noise hits both alike. Prints messages/s, p50/p99 latency, the throughput ratio
+shim/direct, and CPU seconds per message of the shim process vs. Rspamd's processes.
+
+Run as root (Rspamd runs as _rspamd):  .venv/bin/python bench/bench_shim.py [--messages 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from exim_policy.lab import Lab  # noqa: E402
+from exim_policy.lab.shim import ShimLab  # noqa: E402
+from exim_policy.protocol.mbox import exim_mbox_wrap  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+PARAGRAPH = ("Thanks for sending over the notes from Tuesday's planning meeting. I went "
+             "through the action items and I think we are in good shape for the release.\n\n")
+
+
+def ham(i: int) -> bytes:
+    return (f"Date: Sun, 22 Nov 2026 06:00:00 +0000\nTo: bob@stack.test\n"
+            f"From: alice@example.org\nSubject: Notes from the planning meeting {i}\n"
+            f"Message-ID: <bench-{i}@example.org>\nMIME-Version: 1.0\n"
+            f"Content-Type: text/plain; charset=UTF-8\n\nHi Bob,\n\n"
+            + PARAGRAPH * 18 + "Best regards,\nAlice\n").encode()
+
+
+def exim_request(i: int) -> bytes:
+    body = exim_mbox_wrap(ham(i), sender="alice@example.org", recipients=["bob@stack.test"])
+    head = (f"CHECK RSPAMC/1.3\r\nContent-length: {len(body)}\r\nQueue-Id: 1bench-{i:06d}-00\r\n"
+            f"From: <alice@example.org>\r\nRecipient-Number: 1\r\nRcpt: <bob@stack.test>\r\n"
+            f"Helo: client.test\r\nIP: 127.0.0.1\r\n\r\n")
+    return head.encode() + body
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / HZ
+
+
+def process_tree(root: int) -> list[int]:
+    pids = [root]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if ppid == root:
+                pids.append(int(entry))
+    return pids
+
+
+async def one(port: int, payload: bytes) -> tuple[float, bytes]:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    reply = await reader.read()  # both servers close after the reply
+    writer.close()
+    return time.perf_counter() - started, reply
+
+
+async def run_round(port: int, payloads: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    queue = list(reversed(payloads))
+    latencies: list[float] = []
+
+    async def worker():
+        while queue:
+            latency, reply = await one(port, queue.pop())
+            if b"Action: no action" not in reply:
+                raise SystemExit(f"unexpected reply on port {port}: {reply[:200]!r}")
+            latencies.append(latency)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=2000, help="per path, over all rounds")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--log-level", default="info", help="the shim's log level")
+    args = ap.parse_args()
+
+    payloads = [exim_request(i) for i in range(args.messages // args.rounds)]
+    with tempfile.TemporaryDirectory(prefix="exim-policy-bench-") as workdir, \
+            Lab(workdir) as lab:
+        shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
+        shim.start()
+        try:
+            rspamd_pids = process_tree(lab.rspamd.pid)
+            results = {"direct": ([], 0.0, 0.0), "shim": ([], 0.0, 0.0)}
+            shim_cpu = rspamd_cpu_in_shim_phase = 0.0
+            # warm-up both paths (first scans after start are slower)
+            asyncio.run(run_round(lab.rspamd.port, payloads[:50], args.concurrency))
+            asyncio.run(run_round(shim.port, payloads[:50], args.concurrency))
+            for _ in range(args.rounds):
+                for name, port in (("direct", lab.rspamd.port), ("shim", shim.port)):
+                    c_shim, c_rspamd = cpu_seconds([shim.proc.pid]), cpu_seconds(rspamd_pids)
+                    elapsed, lat = asyncio.run(run_round(port, payloads, args.concurrency))
+                    d_shim = cpu_seconds([shim.proc.pid]) - c_shim
+                    d_rspamd = cpu_seconds(rspamd_pids) - c_rspamd
+                    lats, total, _ = results[name]
+                    results[name] = (lats + lat, total + elapsed, 0.0)
+                    if name == "shim":
+                        shim_cpu += d_shim
+                        rspamd_cpu_in_shim_phase += d_rspamd
+        finally:
+            shim.stop()
+
+    print(f"messages per path: {len(payloads) * args.rounds}  concurrency: {args.concurrency}"
+          f"  rounds: {args.rounds}  message: {len(payloads[0])} bytes  cores: {os.cpu_count()}")
+    rates = {}
+    for name, (lats, total, _) in results.items():
+        rates[name] = len(lats) / total
+        print(f"  {name:6s} {rates[name]:7.1f} msg/s   p50 {pct(lats, 50):6.2f} ms"
+              f"   p99 {pct(lats, 99):6.2f} ms")
+    n = len(payloads) * args.rounds
+    print(f"  throughput ratio shim/direct: {rates['shim'] / rates['direct']:.3f}")
+    print(f"  CPU per message: shim {shim_cpu / n * 1000:.3f} ms, Rspamd "
+          f"{rspamd_cpu_in_shim_phase / n * 1000:.3f} ms -> shim/Rspamd "
+          f"{shim_cpu / max(rspamd_cpu_in_shim_phase, 1e-9) * 100:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

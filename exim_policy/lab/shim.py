@@ -1,0 +1,126 @@
+"""The shim (``exim-policy serve``) as a real subprocess on a free loopback port.
+
+Used by the end-to-end tests and the demo: Exim talks to it exactly as in production.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .ports import LOOPBACK, free_port, tcp_accepts, wait_tcp
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def render_toml(sections: Mapping[str, Mapping[str, object]]) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class ShimLab:
+    """Config file, forwarding map and process of one shim instance under ``workdir``."""
+
+    def __init__(self, workdir: str | os.PathLike, *, rspamd_url: str,
+                 forwarding: Iterable[str] = (), relay_networks: Iterable[str] = (),
+                 failure: Mapping[str, str] | None = None, extra_toml: str = "",
+                 port: int | None = None, rspamd_timeout: float = 5.0,
+                 log_level: str = "info") -> None:
+        self.dir = Path(workdir) / "shim"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.config_path = self.dir / "config.toml"
+        self.map_path = self.dir / "forwardings.txt"
+        self.log_path = self.dir / "shim.log"
+        self.proc: subprocess.Popen | None = None
+        sections: dict[str, dict[str, object]] = {
+            "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0},
+            "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
+            "outbound": {"relay_networks": list(relay_networks)},
+            "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
+            "logging": {"level": log_level},
+        }
+        if failure:
+            sections["failure"] = dict(failure)
+        self.config_path.write_text(render_toml(sections) + extra_toml)
+        self.write_forwarding(forwarding, wait=False)
+
+    @property
+    def spamd_address(self) -> str:
+        """The value for Exim's spamd_address."""
+        return f"{LOOPBACK} {self.port} variant=rspamd tmo=30s"
+
+    def write_forwarding(self, addresses: Iterable[str], *, wait: bool = True) -> None:
+        """Replace the forwarding map atomically; with ``wait``, give the running shim
+        time to notice (it polls every 0.2 s here)."""
+        tmp = self.map_path.with_suffix(".tmp")
+        tmp.write_text("# lab forwarding map\n" + "".join(f"{a}\n" for a in addresses))
+        os.replace(tmp, self.map_path)
+        if wait and self.alive():
+            time.sleep(0.6)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            return
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "exim_policy", "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        finally:
+            log.close()
+        try:
+            wait_tcp(LOOPBACK, self.port, time.monotonic() + timeout, alive=self.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"shim did not start: {exc}\n{self.log_tail()}") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        deadline = time.monotonic() + 5
+        while tcp_accepts(LOOPBACK, self.port, 0.2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no shim log)"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""

@@ -1,0 +1,92 @@
+"""From a parsed request to reply bytes: envelope, context, scan, decide, encode.
+
+Transport-free (the server owns sockets), so the daemon and ``exim-policy test`` share
+:meth:`PolicyService.evaluate`, the one code path from message to decision.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import Config
+from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult
+from .policy import classify, decide
+from .protocol import rspamc, spamc
+from .protocol.mbox import strip_mbox_from_line
+from .scanner import Scanner, ScannerError
+
+log = logging.getLogger("exim_policy.decision")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    envelope: Envelope
+    decision: Decision
+    elapsed: float
+
+
+class PolicyService:
+    def __init__(self, config: Config, scanner: Scanner,
+                 forwards: Callable[[str], bool]) -> None:
+        self.config = config
+        self.scanner = scanner
+        #: "does this recipient forward externally" (the current forwarding map)
+        self.forwards = forwards
+
+    def context_for(self, envelope: Envelope) -> Context:
+        return Context(forwarding=frozenset(r for r in envelope.recipients if self.forwards(r)))
+
+    async def evaluate(self, envelope: Envelope, body: bytes) -> Evaluation:
+        """Scan one message and decide. A scanner failure becomes a configured decision
+        here, in one place; every other exception is a bug and propagates."""
+        started = time.monotonic()
+        context = self.context_for(envelope)
+        traffic, _ = classify(envelope, context, self.config)
+        settings_id = self.config.rspamd.settings_id.for_traffic(traffic)
+        scan: ScanResult | ScanFailure
+        try:
+            scan = await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id)
+        except ScannerError as exc:
+            scan = ScanFailure(str(exc))
+        decision = decide(envelope, scan, context, self.config)
+        return Evaluation(envelope, decision, time.monotonic() - started)
+
+    async def handle(self, request: Request) -> bytes | None:
+        """Reply bytes for a request, or None: close without answering."""
+        if request.protocol == "spamc":
+            if request.command == "PING":
+                return spamc.PONG
+            if request.command == "SKIP":
+                return None
+            if request.command == "TELL":
+                return spamc.build_error(69, "Service Unavailable: TELL is not supported")
+            envelope = spamc.envelope(request, anonymous_users=self.config.spamc.anonymous_users)
+        else:
+            envelope = rspamc.envelope(request)
+        evaluation = await self.evaluate(envelope, request.body)
+        log_decision(request, evaluation)
+        decision = evaluation.decision
+        if decision.defer:
+            return None
+        if request.protocol == "spamc":
+            return spamc.build_reply(request, decision)
+        return rspamc.build_reply(decision)
+
+
+def log_decision(request: Request, evaluation: Evaluation) -> None:
+    d, env = evaluation.decision, evaluation.envelope
+    scan = d.scan
+    level = logging.WARNING if d.failure is not None else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    log.log(level,
+            "qid=%s proto=%s/%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
+            "rspamd=%s score=%s final=%s%s ms=%.1f reason=%s",
+            env.queue_id or "-", request.protocol, request.command, d.traffic.value,
+            env.user if env.user is not None else "-", env.ip or "-", len(env.recipients),
+            len(d.forwarding), repr(scan.action) if scan else "FAILED",
+            f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
+            repr(d.action), " (no answer: defer)" if d.defer else "",
+            evaluation.elapsed * 1000, d.reason)

@@ -1,0 +1,102 @@
+"""Config: defaults, the documented contract, and errors that name the dotted key."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from exim_policy import cli
+from exim_policy.config import ConfigError, ListenAddress, from_dict, load
+from exim_policy.model import FailureMode
+
+CONTRACT = """
+[server]
+listen = ["127.0.0.1:11335", "[::1]:11335", "unix:/run/exim-policy/spamd.sock"]
+allowed_clients = ["127.0.0.1/32", "::1/128"]
+[rspamd]
+url = "http://127.0.0.1:11333"
+timeout = 8.0
+[outbound]
+relay_networks = ["192.0.2.0/24"]
+[forwarding]
+map = "/var/lib/exim-policy/forwardings.txt"
+"""
+
+
+def test_defaults():
+    config = from_dict({})
+    assert config.server.listen == (ListenAddress(host="127.0.0.1", port=11335),)
+    assert config.server.allowed_clients == (ipaddress.ip_network("127.0.0.1/32"),
+                                             ipaddress.ip_network("::1/128"))
+    assert config.rspamd.url == "http://127.0.0.1:11333"
+    assert config.rspamd.timeout == 8.0
+    assert config.outbound.spam_actions == ("reject",)
+    assert config.forwarding.spam_actions == ("add header", "rewrite subject")
+    assert (config.failure.inbound, config.failure.outbound, config.failure.forwarding) == (
+        FailureMode.ACCEPT, FailureMode.TEMPFAIL, FailureMode.TEMPFAIL)
+
+
+def test_contract_example(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(CONTRACT)
+    config = load(path)
+    assert [str(a) for a in config.server.listen] == [
+        "127.0.0.1:11335", "[::1]:11335", "unix:/run/exim-policy/spamd.sock"]
+    assert config.outbound.relay_networks == (ipaddress.ip_network("192.0.2.0/24"),)
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"server": {"listne": ["127.0.0.1:1"]}}, "server.listne"),
+    ({"sever": {}}, "sever"),
+    ({"server": {"listen": ["127.0.0.1"]}}, "server.listen"),
+    ({"server": {"listen": ["example.com:25"]}}, "server.listen"),
+    ({"server": {"listen": ["unix:relative.sock"]}}, "server.listen"),
+    ({"server": {"listen": ["127.0.0.1:99999"]}}, "server.listen"),
+    ({"server": {"allowed_clients": ["10.0.0.0/33"]}}, "server.allowed_clients"),
+    ({"server": {"max_connections": 0}}, "server.max_connections"),
+    ({"server": {"max_message_size": "50M"}}, "server.max_message_size"),
+    ({"rspamd": {"url": "https://x:11333"}}, "rspamd.url"),
+    ({"rspamd": {"timeout": -1}}, "rspamd.timeout"),
+    ({"rspamd": {"timeout": "8"}}, "rspamd.timeout"),
+    ({"rspamd": {"settings_id": {"inbound": 3}}}, "rspamd.settings_id.inbound"),
+    ({"outbound": {"relay_networks": "192.0.2.0/24"}}, "outbound.relay_networks"),
+    ({"outbound": {"spam_actions": ["x" * 40]}}, "outbound.spam_actions"),
+    ({"failure": {"inbound": "drop"}}, "failure.inbound"),
+    ({"forwarding": {"case_sensitive_local_parts": "yes"}},
+     "forwarding.case_sensitive_local_parts"),
+    ({"forwarding": {"sources": [{"type": "lsearch", "path": "/x"}, {"type": "ldap"}]}},
+     "forwarding.sources[1].type"),
+    ({"forwarding": {"sources": [{"type": "sqlite", "path": "/x"}]}},
+     "forwarding.sources[0].query"),
+    ({"forwarding": {"sources": [{"type": "lsearch", "path": "/x", "pth": 1}]}},
+     "forwarding.sources[0].pth"),
+    ({"logging": {"level": "loud"}}, "logging.level"),
+])
+def test_errors_name_the_dotted_key(data, key):
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert str(info.value).startswith(key + ":"), str(info.value)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nlisten=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_check_config_command(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text(CONTRACT)
+    assert cli.main(["check-config", "--config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "outbound.relay_networks = [192.0.2.0/24]" in out
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[rspamd]\ntimeout = 'soon'\n")
+    assert cli.main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "exim-policy: config: rspamd.timeout: expected a positive number"
+    assert "Traceback" not in err

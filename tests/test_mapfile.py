@@ -1,0 +1,77 @@
+"""The daemon's forwarding-map reader and its atomic hot reload."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from exim_policy.forwarding.mapfile import ForwardingMap, MapWatcher
+
+MAP = """\
+# exim-policy forwarding map: 3 entries
+fwd@example.com
+Other@Example.NET   # inline comment
+@old.example
+<bracket@example.com> extra-token-ignored
+
+   # indented comment
+"""
+
+
+def test_parse_and_match():
+    fmap = ForwardingMap.parse(MAP)
+    assert fmap.addresses == {"fwd@example.com", "other@example.net", "bracket@example.com"}
+    assert fmap.domains == {"old.example"}
+    assert fmap.forwards("FWD@example.COM")
+    assert fmap.forwards("<other@example.net>")
+    assert fmap.forwards("anyone@OLD.example")
+    assert fmap.forwards("bracket@example.com")
+    assert not fmap.forwards("bob@example.com")
+    assert not fmap.forwards("old.example")
+    assert not fmap.forwards("x@sub.old.example")
+    assert len(fmap) == 4
+
+
+def _replace(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def test_watcher_swaps_atomically_and_keeps_old_map_on_trouble(tmp_path):
+    path = str(tmp_path / "map.txt")
+    watcher = MapWatcher(path, interval=0.01)
+    watcher.load_now()  # missing file: empty map, no exception
+    assert len(watcher.current) == 0
+
+    _replace(path, "a@example.com\n")
+    asyncio.run(watcher.reload_if_changed())
+    assert watcher.current.forwards("a@example.com")
+
+    _replace(path, "b@example.com\n")
+    asyncio.run(watcher.reload_if_changed())
+    assert watcher.current.forwards("b@example.com")
+    assert not watcher.current.forwards("a@example.com")
+
+    os.unlink(path)  # a missing file must not empty the set under a running daemon
+    asyncio.run(watcher.reload_if_changed())
+    assert watcher.current.forwards("b@example.com")
+
+
+def test_watcher_run_picks_up_changes(tmp_path):
+    path = str(tmp_path / "map.txt")
+    _replace(path, "a@example.com\n")
+    watcher = MapWatcher(path, interval=0.02)
+    watcher.load_now()
+
+    async def main():
+        task = asyncio.create_task(watcher.run())
+        _replace(path, "z@example.com\n")
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if watcher.current.forwards("z@example.com"):
+                break
+        task.cancel()
+        return watcher.current.forwards("z@example.com")
+
+    assert asyncio.run(main())

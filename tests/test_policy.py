@@ -1,0 +1,136 @@
+"""decide() and classify() as tables: inputs -> expected action."""
+from __future__ import annotations
+
+import pytest
+
+from exim_policy.config import from_dict
+from exim_policy.model import Context, Envelope, ScanFailure, ScanResult, Traffic
+from exim_policy.policy import (
+    SYM_FORWARDING,
+    SYM_OUTBOUND,
+    SYM_SCANNER_FAILED,
+    classify,
+    decide,
+)
+
+CONFIG = from_dict({"outbound": {"relay_networks": ["192.0.2.0/24", "2001:db8::/32"]}})
+
+INBOUND = Envelope(sender="a@example.org", recipients=("bob@example.com",), ip="198.51.100.7")
+AUTH = Envelope(sender="alice@example.com", recipients=("x@example.net",), ip="198.51.100.7",
+                user="alice")
+RELAY = Envelope(sender="web@example.com", recipients=("x@example.net",), ip="192.0.2.10")
+TO_FWD = Envelope(sender="a@example.org", recipients=("local@example.com", "fwd@example.com"),
+                  ip="198.51.100.7")
+FWD = Context(forwarding=frozenset({"fwd@example.com"}))
+NONE = Context()
+
+
+def scan(action: str, score: float = 0.0, required: float = 15.0, **kw) -> ScanResult:
+    return ScanResult(action=action, score=score, required_score=required, **kw)
+
+
+@pytest.mark.parametrize("envelope, context, rspamd, expected, traffic", [
+    # inbound: Rspamd's action passes through
+    (INBOUND, NONE, "no action", "no action", Traffic.INBOUND),
+    (INBOUND, NONE, "add header", "add header", Traffic.INBOUND),
+    (INBOUND, NONE, "rewrite subject", "rewrite subject", Traffic.INBOUND),
+    (INBOUND, NONE, "greylist", "greylist", Traffic.INBOUND),
+    (INBOUND, NONE, "soft reject", "soft reject", Traffic.INBOUND),
+    (INBOUND, NONE, "reject", "reject", Traffic.INBOUND),
+    (INBOUND, NONE, "quarantine", "quarantine", Traffic.INBOUND),  # custom actions verbatim
+    # inbound to a forwarding recipient: add header / rewrite subject become reject
+    (TO_FWD, FWD, "add header", "reject", Traffic.FORWARDING),
+    (TO_FWD, FWD, "rewrite subject", "reject", Traffic.FORWARDING),
+    (TO_FWD, FWD, "no action", "no action", Traffic.FORWARDING),
+    (TO_FWD, FWD, "greylist", "greylist", Traffic.FORWARDING),
+    (TO_FWD, FWD, "reject", "reject", Traffic.FORWARDING),
+    # the same message without the forwarding context keeps Rspamd's action
+    (TO_FWD, NONE, "add header", "add header", Traffic.INBOUND),
+    # outbound (authenticated or relay network): reject stays reject (-> quarantine in Exim)
+    (AUTH, NONE, "reject", "reject", Traffic.OUTBOUND),
+    (AUTH, NONE, "no action", "no action", Traffic.OUTBOUND),
+    (AUTH, NONE, "add header", "add header", Traffic.OUTBOUND),
+    (RELAY, NONE, "reject", "reject", Traffic.OUTBOUND),
+    # outbound wins over forwarding: a customer writing to a local forwarder
+    (Envelope(recipients=("fwd@example.com",), user="alice"), FWD, "add header",
+     "add header", Traffic.OUTBOUND),
+])
+def test_decide_table(envelope, context, rspamd, expected, traffic):
+    decision = decide(envelope, scan(rspamd, 7.0), context, CONFIG)
+    assert decision.action == expected
+    assert decision.traffic is traffic
+    assert not decision.defer
+
+
+def test_outbound_spam_actions_are_configurable():
+    config = from_dict({"outbound": {"spam_actions": ["reject", "add header"]}})
+    assert decide(AUTH, scan("add header", 8.0), NONE, config).action == "reject"
+    assert decide(AUTH, scan("add header", 8.0), NONE, CONFIG).action == "add header"
+
+
+def test_forwarding_actions_are_configurable():
+    config = from_dict({"forwarding": {"spam_actions": ["greylist"]}})
+    assert decide(TO_FWD, scan("greylist", 4.0), FWD, config).action == "reject"
+    assert decide(TO_FWD, scan("add header", 7.0), FWD, config).action == "add header"
+
+
+@pytest.mark.parametrize("envelope, context, failure_cfg, action, defer", [
+    # defaults: inbound accept, outbound tempfail, forwarding tempfail
+    (INBOUND, NONE, {}, "no action", False),
+    (AUTH, NONE, {}, "soft reject", False),
+    (RELAY, NONE, {}, "soft reject", False),
+    (TO_FWD, FWD, {}, "soft reject", False),
+    # configured
+    (INBOUND, NONE, {"inbound": "tempfail"}, "soft reject", False),
+    (INBOUND, NONE, {"inbound": "defer"}, "soft reject", True),
+    (AUTH, NONE, {"outbound": "accept"}, "no action", False),
+    (AUTH, NONE, {"outbound": "defer"}, "soft reject", True),
+    (TO_FWD, FWD, {"forwarding": "accept"}, "no action", False),
+])
+def test_scanner_failure_is_a_configured_decision(envelope, context, failure_cfg, action, defer):
+    config = from_dict({"failure": failure_cfg,
+                        "outbound": {"relay_networks": ["192.0.2.0/24"]}})
+    decision = decide(envelope, ScanFailure("connection refused"), context, config)
+    assert (decision.action, decision.defer) == (action, defer)
+    assert decision.failure == ScanFailure("connection refused")
+    assert "connection refused" in decision.reason
+    assert SYM_SCANNER_FAILED in {s.name for s in decision.symbols}
+
+
+@pytest.mark.parametrize("envelope, traffic, reason_part", [
+    (INBOUND, Traffic.INBOUND, "inbound"),
+    (AUTH, Traffic.OUTBOUND, "authenticated as alice"),
+    (Envelope(user=""), Traffic.OUTBOUND, "authenticated as an unknown id"),
+    (RELAY, Traffic.OUTBOUND, "192.0.2.0/24"),
+    (Envelope(ip="2001:db8::5"), Traffic.OUTBOUND, "2001:db8::/32"),
+    (Envelope(ip="::ffff:192.0.2.9"), Traffic.OUTBOUND, "192.0.2.0/24"),
+    (Envelope(ip="[192.0.2.9]"), Traffic.OUTBOUND, "192.0.2.0/24"),
+    (Envelope(ip="not-an-ip"), Traffic.INBOUND, "inbound"),
+    (Envelope(ip=None), Traffic.INBOUND, "inbound"),
+])
+def test_classify(envelope, traffic, reason_part):
+    got, reason = classify(envelope, NONE, CONFIG)
+    assert got is traffic
+    assert reason_part in reason
+
+
+def test_decision_explains_itself():
+    d = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG)
+    assert d.forwarding == ("fwd@example.com",)
+    assert "fwd@example.com" in d.reason and "add header" in d.reason
+    names = {s.name: s for s in d.symbols}
+    assert names[SYM_FORWARDING].options == ("fwd@example.com",)
+
+    d = decide(AUTH, scan("reject", 15.0), NONE, CONFIG)
+    assert "outbound spam" in d.reason and "alice" in d.reason
+    assert SYM_OUTBOUND in {s.name for s in d.symbols}
+
+    d = decide(INBOUND, scan("reject", 15.0, messages=(("smtp_message", "Gtube pattern"),)),
+               NONE, CONFIG)
+    assert d.reason.startswith("Gtube pattern")
+    assert d.symbols == ()
+
+
+def test_decide_is_pure():
+    first = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG)
+    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG) == first

@@ -1,0 +1,97 @@
+"""The policy helper: one-line protocol (pure), its socket server, and the ${run} command."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from exim_policy import cli
+from exim_policy.config import ListenAddress, from_dict
+from exim_policy.forwarding.mapfile import ForwardingMap
+from exim_policy.query import QueryServer, answer
+
+FMAP = ForwardingMap.parse("fwd@example.com\n@old.example\n")
+
+
+@pytest.mark.parametrize("line, reply", [
+    (b"forwarding fwd@example.com", b"yes\n"),
+    (b"forwarding FWD@Example.com\r", b"yes\n"),
+    (b"FORWARDING <fwd@example.com>", b"yes\n"),
+    (b"forwarding anyone@old.example", b"yes\n"),
+    (b"forwarding bob@example.com", b"no\n"),
+    (b"forwarding", b"error usage: forwarding LOCALPART@DOMAIN\n"),
+    (b"forwarding a b@c", b"error usage: forwarding LOCALPART@DOMAIN\n"),
+    (b"forwarding nodomain", b"error usage: forwarding LOCALPART@DOMAIN\n"),
+    (b"ping", b"pong\n"),
+    (b"locked alice", b"error unknown request\n"),
+    (b"\xff\xfe garbage", b"error unknown request\n"),
+    (b"", b"error unknown request\n"),
+])
+def test_answer(line, reply):
+    assert answer(line, FMAP.forwards) == reply
+
+
+async def _ask(port: int, payload: bytes, half_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    if half_close:
+        writer.write_eof()  # what ${readsocket} does by default
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return reply
+
+
+def test_query_server_serves_and_survives_bad_requests():
+    async def main():
+        server = QueryServer((ListenAddress(host="127.0.0.1", port=0),),
+                             from_dict({}).server.allowed_clients, FMAP.forwards)
+        await server.start()
+        port = server._servers[0].sockets[0].getsockname()[1]
+        try:
+            replies = [
+                await _ask(port, b"forwarding fwd@example.com\n"),
+                await _ask(port, b"nonsense\n"),
+                await _ask(port, b"x" * 5000),  # too long: error, not a hang
+                await _ask(port, b"forwarding bob@example.com"),  # no newline, EOF ends it
+                await _ask(port, b"forwarding fwd@example.com\n", half_close=False),
+            ]
+            # concurrency is the normal case
+            many = await asyncio.gather(*(_ask(port, b"forwarding fwd@example.com\n")
+                                          for _ in range(50)))
+        finally:
+            await server.stop()
+        return replies, many
+
+    replies, many = asyncio.run(main())
+    assert replies == [b"yes\n", b"error unknown request\n", b"error request too long\n",
+                       b"no\n", b"yes\n"]
+    assert set(many) == {b"yes\n"}
+
+
+def test_query_command_reads_the_map_file(tmp_path, capsys):
+    fmap = tmp_path / "forwardings.txt"
+    fmap.write_text("# header\nfwd@example.com\n@old.example\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[forwarding]\nmap = "{fmap}"\n')
+    assert cli.main(["query", "forwarding", "Fwd@Example.com", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "yes\n"
+    assert cli.main(["query", "forwarding", "x@old.example", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "yes\n"
+    assert cli.main(["query", "forwarding", "bob@example.com", "--config", str(config)]) == 1
+    assert capsys.readouterr().out == "no\n"
+    fmap.unlink()
+    assert cli.main(["query", "forwarding", "bob@example.com", "--config", str(config)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_query_command_as_a_process(tmp_path):
+    fmap = tmp_path / "forwardings.txt"
+    fmap.write_text("fwd@example.com\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[forwarding]\nmap = "{fmap}"\n')
+    done = subprocess.run([sys.executable, "-m", "exim_policy", "query", "forwarding",
+                           "fwd@example.com", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "yes\n", "")
