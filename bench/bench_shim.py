@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exim_policy.lab import Lab  # noqa: E402
+from exim_policy.lab.process import group_members  # noqa: E402
 from exim_policy.lab.shim import ShimLab  # noqa: E402
 from exim_policy.protocol.mbox import exim_mbox_wrap  # noqa: E402
 
@@ -54,19 +55,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / HZ
-
-
-def process_tree(root: int) -> list[int]:
-    pids = [root]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            if ppid == root:
-                pids.append(int(entry))
-    return pids
 
 
 async def one(port: int, payload: bytes) -> tuple[float, bytes]:
@@ -113,7 +101,7 @@ def main() -> int:
         shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
         shim.start()
         try:
-            rspamd_pids = process_tree(lab.rspamd.pid)
+            rspamd_pids = group_members(lab.rspamd.process.pid)  # master + workers
             results = {"direct": ([], 0.0, 0.0), "shim": ([], 0.0, 0.0)}
             shim_cpu = rspamd_cpu_in_shim_phase = 0.0
             # warm-up both paths (first scans after start are slower)

@@ -137,6 +137,12 @@ def _octal_mode(value: object) -> int:
     return int(value, 8)
 
 
+def _event_loop(value: object) -> str:
+    if value not in ("auto", "asyncio", "uvloop"):
+        raise ValueError("expected 'auto', 'asyncio' or 'uvloop'")
+    return str(value)
+
+
 def _log_level(value: object) -> str:
     levels = ("debug", "info", "warning", "error")
     if value not in levels:
@@ -159,6 +165,8 @@ class ServerConfig:
         metadata=_parse(_networks))
     #: the one-line policy-helper protocol for ${readsocket}; empty = off
     query_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
+    #: "auto" uses uvloop when it is installed (much less CPU per message), else asyncio's
+    event_loop: str = field(default="auto", metadata=_parse(_event_loop))
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
     #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
     unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode))

@@ -14,6 +14,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"TOML configuration (default {DEFAULT_CONFIG_PATH})")
 
 
+def loop_factory(choice: str):
+    """The event loop constructor for ``server.event_loop`` ("auto", "asyncio", "uvloop")."""
+    import asyncio
+
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            from ..config import ConfigError
+
+            raise ConfigError("server.event_loop: uvloop is not installed "
+                              "(pip install 'exim-policy[fast]')") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -26,9 +44,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.logging.level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    new_loop = loop_factory(config.server.event_loop)
+    loop = new_loop()
     try:
-        asyncio.run(daemon.run(config))
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(daemon.run(config))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"exim-policy: cannot serve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     return 0

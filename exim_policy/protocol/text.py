@@ -1,0 +1,126 @@
+"""Small text helpers shared by the codecs: sanitising reply values and splitting addresses.
+
+Pure functions, no I/O. Reply values are ``str`` inside the program and UTF-8 on the wire;
+request values arrive as latin-1 decoded ``str`` (see :class:`exim_policy.model.Request`).
+"""
+from __future__ import annotations
+
+import ipaddress
+
+#: Exim keeps 32599 bytes of a reply and copies ``$spam_report`` into a 32600-byte buffer
+#: without a bounds check (protocols.md §1.6, §1.9), so every reply stays well below that.
+MAX_REPLY_BYTES = 30000
+
+#: bytes that would end or corrupt a reply line if they appeared inside a value
+_LINE_BREAKERS = {0x00: " ", 0x0A: " ", 0x0D: " "}
+
+
+def one_line(text: str) -> str:
+    """``text`` with NUL, CR and LF replaced by a space, so it stays inside one reply line."""
+    return text.translate(_LINE_BREAKERS)
+
+
+def encode(text: str) -> bytes:
+    """Reply values go out as UTF-8 (Rspamd's JSON strings are Unicode)."""
+    return text.encode("utf-8", errors="replace")
+
+
+def truncate_bytes(data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``data``, cut at a UTF-8 character boundary."""
+    if len(data) <= limit:
+        return data
+    cut = data[:limit]
+    # drop a partial multi-byte sequence at the end: continuation bytes are 10xxxxxx
+    end = len(cut)
+    while end > 0 and (cut[end - 1] & 0xC0) == 0x80:
+        end -= 1
+    if end > 0 and cut[end - 1] >= 0xC0:
+        lead = cut[end - 1]
+        need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if len(cut) - (end - 1) < need:
+            return cut[: end - 1]
+    return cut
+
+
+def keep_within(lines: list[bytes], order: list[int], budget: int) -> set[int]:
+    """Indexes of ``lines`` kept when taken in priority ``order`` while they fit ``budget``.
+
+    A line that does not fit is skipped; a later, shorter one may still fit.
+    """
+    kept: set[int] = set()
+    for index in order:
+        size = len(lines[index])
+        if size <= budget:
+            kept.add(index)
+            budget -= size
+    return kept
+
+
+def symbol_priority(scores: list[float], n_own: int) -> list[int]:
+    """Which symbols to keep first when a reply must be cut: ``scores`` lists Rspamd's
+    symbols, then the shim's ``n_own`` context symbols. The shim's come first (Rspamd's
+    symbols are in the log anyway), then Rspamd's by descending ``|score|``."""
+    n_rspamd = len(scores) - n_own
+    order = list(range(n_rspamd, len(scores)))
+    order += sorted(range(n_rspamd), key=lambda i: -abs(scores[i]))
+    return order
+
+
+def has_line_breaker(text: str) -> bool:
+    """True if ``text`` holds NUL, CR or LF (such a request value is treated as absent)."""
+    return "\x00" in text or "\r" in text or "\n" in text
+
+
+def strip_angle(address: str) -> str:
+    """``<a@b>`` -> ``a@b``, ``<>`` -> ``""``; surrounding whitespace removed; bare stays bare."""
+    address = address.strip()
+    if len(address) >= 2 and address[0] == "<" and address[-1] == ">":
+        return address[1:-1].strip()
+    return address
+
+
+def split_address_list(text: str) -> list[str]:
+    """Split ``a@x, <b@y>, "c,d"@z`` at commas outside quotes and angle brackets.
+
+    Rspamd splits a ``Rcpt`` header the same way (quoted strings respected); angle brackets
+    are respected as well so that a source route ``<@r1,@r2:a@b>`` stays one address.
+    Items are stripped of whitespace and ``<>``; empty items (also ``<>``) are dropped.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    in_quotes = False
+    depth = 0
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_quotes and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quotes = not in_quotes
+        elif not in_quotes and ch == "<":
+            depth += 1
+        elif not in_quotes and ch == ">" and depth > 0:
+            depth -= 1
+        elif not in_quotes and depth == 0 and ch == ",":
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    stripped = (strip_angle(item) for item in items)
+    return [item for item in stripped if item]
+
+
+def valid_ip(text: str | None) -> str | None:
+    """``text`` stripped if it is an IPv4/IPv6 address (scope id allowed), else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return text
