@@ -30,31 +30,36 @@ PARAGRAPH = ("Thanks for sending over the notes from Tuesday's planning meeting.
              "through the action items and I think we are in good shape for the release.\n\n")
 
 
-def ham(i: int) -> bytes:
+def ham(i: int, paragraphs: int = 18) -> bytes:
     return (f"Date: Sun, 22 Nov 2026 06:00:00 +0000\nTo: bob@stack.test\n"
             f"From: alice@example.org\nSubject: Notes from the planning meeting {i}\n"
             f"Message-ID: <bench-{i}@example.org>\nMIME-Version: 1.0\n"
             f"Content-Type: text/plain; charset=UTF-8\n\nHi Bob,\n\n"
-            + PARAGRAPH * 18 + "Best regards,\nAlice\n").encode()
+            + PARAGRAPH * paragraphs + "Best regards,\nAlice\n").encode()
 
 
-def exim_request(i: int) -> bytes:
-    body = exim_mbox_wrap(ham(i), sender="alice@example.org", recipients=["bob@stack.test"])
+def exim_request(i: int, paragraphs: int = 18) -> bytes:
+    body = exim_mbox_wrap(ham(i, paragraphs), sender="alice@example.org", recipients=["bob@stack.test"])
     head = (f"CHECK RSPAMC/1.3\r\nContent-length: {len(body)}\r\nQueue-Id: 1bench-{i:06d}-00\r\n"
             f"From: <alice@example.org>\r\nRecipient-Number: 1\r\nRcpt: <bob@stack.test>\r\n"
             f"Helo: client.test\r\nIP: 127.0.0.1\r\n\r\n")
     return head.encode() + body
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the processes, from /proc/PID/stat."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / HZ
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / HZ, system / HZ
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_times(pids))
 
 
 async def one(port: int, payload: bytes) -> tuple[float, bytes]:
@@ -93,9 +98,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--log-level", default="info", help="the shim's log level")
+    ap.add_argument("--paragraphs", type=int, default=18,
+                    help="message size: 18 gives ~3 KB, 300 ~50 KB")
     args = ap.parse_args()
 
-    payloads = [exim_request(i) for i in range(args.messages // args.rounds)]
+    payloads = [exim_request(i, args.paragraphs) for i in range(args.messages // args.rounds)]
     with tempfile.TemporaryDirectory(prefix="exim-policy-bench-") as workdir, \
             Lab(workdir) as lab:
         shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
@@ -103,13 +110,14 @@ def main() -> int:
         try:
             rspamd_pids = group_members(lab.rspamd.process.pid)  # master + workers
             results = {"direct": ([], 0.0, 0.0), "shim": ([], 0.0, 0.0)}
-            shim_cpu = rspamd_cpu_in_shim_phase = 0.0
+            shim_cpu = rspamd_cpu_in_shim_phase = shim_sys = 0.0
             # warm-up both paths (first scans after start are slower)
             asyncio.run(run_round(lab.rspamd.port, payloads[:50], args.concurrency))
             asyncio.run(run_round(shim.port, payloads[:50], args.concurrency))
             for _ in range(args.rounds):
                 for name, port in (("direct", lab.rspamd.port), ("shim", shim.port)):
                     c_shim, c_rspamd = cpu_seconds([shim.proc.pid]), cpu_seconds(rspamd_pids)
+                    c_sys = cpu_times([shim.proc.pid])[1]
                     elapsed, lat = asyncio.run(run_round(port, payloads, args.concurrency))
                     d_shim = cpu_seconds([shim.proc.pid]) - c_shim
                     d_rspamd = cpu_seconds(rspamd_pids) - c_rspamd
@@ -117,6 +125,7 @@ def main() -> int:
                     results[name] = (lats + lat, total + elapsed, 0.0)
                     if name == "shim":
                         shim_cpu += d_shim
+                        shim_sys += cpu_times([shim.proc.pid])[1] - c_sys
                         rspamd_cpu_in_shim_phase += d_rspamd
         finally:
             shim.stop()
@@ -132,7 +141,9 @@ def main() -> int:
     print(f"  throughput ratio shim/direct: {rates['shim'] / rates['direct']:.3f}")
     print(f"  CPU per message: shim {shim_cpu / n * 1000:.3f} ms, Rspamd "
           f"{rspamd_cpu_in_shim_phase / n * 1000:.3f} ms -> shim/Rspamd "
-          f"{shim_cpu / max(rspamd_cpu_in_shim_phase, 1e-9) * 100:.1f} %")
+          f"{shim_cpu / max(rspamd_cpu_in_shim_phase, 1e-9) * 100:.1f} %"
+          f"  (shim: {(shim_cpu - shim_sys) / n * 1000:.3f} ms user +"
+          f" {shim_sys / n * 1000:.3f} ms system)")
     return 0
 
 

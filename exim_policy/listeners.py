@@ -5,6 +5,7 @@ import asyncio
 import ipaddress
 import os
 import socket
+from typing import Callable
 
 from .config import ListenAddress
 
@@ -22,20 +23,26 @@ def client_allowed(peername: object, allowed: tuple) -> bool:
     return any(addr.version == net.version and addr in net for net in allowed)
 
 
-async def start_listeners(addresses: tuple[ListenAddress, ...], on_connect,
+async def start_listeners(addresses: tuple[ListenAddress, ...],
+                          protocol_factory: Callable[[], asyncio.Protocol],
                           unix_mode: int = 0o666) -> list[asyncio.AbstractServer]:
-    """Bind every address; a unix socket left over from a previous run is replaced."""
+    """Bind every address; a unix socket left over from a previous run is replaced.
+
+    Protocol objects rather than streams: per connection that saves the stream objects and
+    a task, which is most of the shim's CPU per message.
+    """
+    loop = asyncio.get_running_loop()
     servers = []
     try:
         for address in addresses:
             if address.is_unix:
                 if os.path.exists(address.path) and _is_stale_socket(address.path):
                     os.unlink(address.path)
-                servers.append(await asyncio.start_unix_server(on_connect, path=address.path))
+                servers.append(await loop.create_unix_server(protocol_factory, address.path))
                 os.chmod(address.path, unix_mode)
             else:
-                servers.append(await asyncio.start_server(
-                    on_connect, host=address.host, port=address.port, reuse_address=True,
+                servers.append(await loop.create_server(
+                    protocol_factory, address.host, address.port, reuse_address=True,
                     backlog=1024))
     except OSError:
         for server in servers:

@@ -13,12 +13,9 @@ readsocket argument ``{}`` strips it).
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Callable
 
 from .listeners import client_allowed, start_listeners
-
-log = logging.getLogger(__name__)
 
 MAX_LINE = 1024
 READ_TIMEOUT = 5.0
@@ -47,8 +44,13 @@ class QueryServer:
         self.forwards = forwards
         self._servers: list[asyncio.AbstractServer] = []
 
+    @property
+    def sockets(self):
+        return [s for server in self._servers for s in server.sockets]
+
     async def start(self) -> None:
-        self._servers = await start_listeners(self.addresses, self._on_connect, self.unix_mode)
+        self._servers = await start_listeners(self.addresses, lambda: _QueryConnection(self),
+                                              self.unix_mode)
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -56,30 +58,48 @@ class QueryServer:
         for server in self._servers:
             await server.wait_closed()
 
-    async def _on_connect(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        try:
-            if not client_allowed(writer.get_extra_info("peername"), self.allowed_clients):
-                return
-            line = await asyncio.wait_for(self._read_line(reader), READ_TIMEOUT)
-            if line is None:
-                writer.write(b"error request too long\n")
-            else:
-                writer.write(answer(line, self.forwards))
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass  # a silent or vanished client gets nothing; the next one is served
-        finally:
-            writer.close()
 
-    @staticmethod
-    async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
-        data = b""
-        while b"\n" not in data:
-            chunk = await reader.read(MAX_LINE)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_LINE:
-                return None
-        return data.split(b"\n", 1)[0]
+class _QueryConnection(asyncio.Protocol):
+    """Callbacks only, no task: a query is answered inside data_received/eof_received."""
+
+    def __init__(self, server: QueryServer) -> None:
+        self.server = server
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not client_allowed(transport.get_extra_info("peername"), self.server.allowed_clients):
+            transport.close()
+            return
+        # a silent client gets nothing and is dropped; the next one is served
+        self.timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is None:
+            return  # answered already; ignore the rest
+        self.buffer += data
+        if b"\n" in self.buffer:
+            self._reply(self.buffer.split(b"\n", 1)[0])
+        elif len(self.buffer) > MAX_LINE:
+            self._reply(None)
+
+    def eof_received(self) -> bool:
+        if self.timer is not None:
+            self._reply(self.buffer)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _reply(self, line: bytes | None) -> None:
+        self.timer.cancel()
+        self.timer = None
+        if line is None:
+            self.transport.write(b"error request too long\n")
+        else:
+            self.transport.write(answer(line, self.server.forwards))
+        self.transport.close()

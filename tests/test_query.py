@@ -48,7 +48,7 @@ def test_query_server_serves_and_survives_bad_requests():
         server = QueryServer((ListenAddress(host="127.0.0.1", port=0),),
                              from_dict({}).server.allowed_clients, FMAP.forwards)
         await server.start()
-        port = server._servers[0].sockets[0].getsockname()[1]
+        port = server.sockets[0].getsockname()[1]
         try:
             replies = [
                 await _ask(port, b"forwarding fwd@example.com\n"),

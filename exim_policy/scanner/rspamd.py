@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import urllib.parse
 
 from ..model import Envelope, ScanResult, Symbol
@@ -141,6 +142,41 @@ def _milter_headers(milter: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+class _Exchange(asyncio.Protocol):
+    """Write one request, collect the reply until Rspamd closes (it always does)."""
+
+    def __init__(self, request: bytes, done: asyncio.Future) -> None:
+        self.request = request
+        self.done = done
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # no write_eof() afterwards: Rspamd 3.4 drops a half-closed /checkv2 request
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_REPLY_BYTES:
+            self._finish(ScannerError("Rspamd reply larger than 16 MiB"))
+            self.transport.abort()
+            return
+        self.chunks.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc if exc is not None else b"".join(self.chunks))
+
+    def _finish(self, outcome: "bytes | BaseException") -> None:
+        if self.done.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
+
+
 class RspamdScanner:
     """POST each message to Rspamd's ``/checkv2`` on a fresh connection."""
 
@@ -156,7 +192,7 @@ class RspamdScanner:
         request = build_request(message, envelope, host=self.host_header,
                                 settings_id=settings_id, path=self.path)
         try:
-            data = await asyncio.wait_for(self._exchange(request), self.timeout)
+            data = await within(self.timeout, self._exchange(request))
         except asyncio.TimeoutError:
             raise ScannerError(f"no reply from Rspamd within {self.timeout:g}s") from None
         except OSError as exc:
@@ -165,17 +201,21 @@ class RspamdScanner:
         return parse_reply(data)
 
     async def _exchange(self, request: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        transport, _ = await loop.create_connection(lambda: _Exchange(request, done),
+                                                    self.host, self.port)
         try:
-            writer.write(request)
-            await writer.drain()
-            # no write_eof(): Rspamd 3.4 drops a half-closed /checkv2 request
-            chunks, size = [], 0
-            while chunk := await reader.read(65536):
-                size += len(chunk)
-                if size > MAX_REPLY_BYTES:
-                    raise ScannerError("Rspamd reply larger than 16 MiB")
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await done
         finally:
-            writer.close()
+            transport.close()
+
+
+if sys.version_info >= (3, 11):
+    async def within(seconds: float, coro):
+        """Await ``coro`` with a deadline; asyncio.timeout needs no extra task."""
+        async with asyncio.timeout(seconds):
+            return await coro
+else:  # pragma: no cover - Python 3.10
+    async def within(seconds: float, coro):
+        return await asyncio.wait_for(coro, seconds)
