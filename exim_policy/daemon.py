@@ -7,7 +7,7 @@ import logging
 import signal
 
 from .config import Config
-from .forwarding.mapfile import MapWatcher
+from .forwarding.watch import MapWatcher
 from .query import QueryServer
 from .scanner.rspamd import RspamdScanner
 from .server import SpamdServer

@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from exim_policy.forwarding.mapfile import ForwardingMap, MapWatcher
+from exim_policy.forwarding.mapfile import ForwardingMap
+from exim_policy.forwarding.watch import MapWatcher
 
 MAP = """\
 # exim-policy forwarding map: 3 entries

@@ -95,3 +95,18 @@ def test_query_command_as_a_process(tmp_path):
                            "fwd@example.com", "--config", str(config)],
                           capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (0, "yes\n", "")
+
+
+def test_file_scan_agrees_with_the_daemons_matcher(tmp_path):
+    from exim_policy.commands.query import _map_file_has
+
+    text = ("# header\nfwd@example.com\n  Other@Example.NET  # comment\n@old.example\n"
+            "<br@example.com> extra\nfwd@example.com.evil\nx.y+z@example.org\n")
+    path = tmp_path / "map.txt"
+    path.write_text(text)
+    fmap = ForwardingMap.parse(text)
+    for address in ["fwd@example.com", "FWD@EXAMPLE.COM", "other@example.net",
+                    "a@old.example", "br@example.com", "fwd@example.co", "wd@example.com",
+                    "x.y+z@example.org", "xxy+z@example.org", "fwd@example.com.evil",
+                    "a@sub.old.example", "header@x"]:
+        assert _map_file_has(str(path), address) == fmap.forwards(address), address

@@ -64,13 +64,15 @@ def _ask_daemon(config, address: str) -> str | None:
 
 
 def _map_file_has(path: str, address: str) -> bool:
+    """One regex pass over the file: the same match as ForwardingMap.forwards, without
+    building the set (a ~100k-line map answers in a few ms)."""
+    import re
+
     from ..forwarding.mapfile import normalize_address
 
     addr = normalize_address(address)
-    domain_entry = "@" + addr.rpartition("@")[2]
+    domain = addr.rpartition("@")[2]
+    entry = re.compile(r"^[ \t]*<?(?:%s|@%s)>?(?:[ \t#]|$)" % (re.escape(addr), re.escape(domain)),
+                       re.MULTILINE)
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            token = line.split("#", 1)[0].split(None, 1)
-            if token and normalize_address(token[0]) in (addr, domain_entry):
-                return True
-    return False
+        return entry.search(fh.read().lower()) is not None

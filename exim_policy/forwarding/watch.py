@@ -1,0 +1,66 @@
+"""Hot reload of the forwarding map inside the daemon: poll, load off the loop, swap."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from .mapfile import ForwardingMap
+
+log = logging.getLogger(__name__)
+
+
+def _signature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class MapWatcher:
+    """Holds the current map; ``run()`` polls the file and swaps in a new version.
+
+    The builder replaces the file by rename, so a changed inode/size/mtime means a complete
+    new file. A missing or unreadable file keeps the map already loaded (and logs), so a
+    bad deploy never empties the forwarding set under a running daemon.
+    """
+
+    def __init__(self, path: str, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.current = ForwardingMap()
+        self._signature: tuple | None = None
+
+    def load_now(self) -> None:
+        """Blocking first load, for start-up (before the event loop serves anything)."""
+        self._reload_if_changed_sync()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.reload_if_changed()
+
+    async def reload_if_changed(self) -> None:
+        # reading a large map takes a while: never on the event loop
+        await asyncio.to_thread(self._reload_if_changed_sync)
+
+    def _reload_if_changed_sync(self) -> None:
+        signature = _signature(self.path)
+        if signature == self._signature:
+            return
+        if signature is None:
+            log.warning("forwarding map %s is missing; keeping %d entries", self.path,
+                        len(self.current))
+            self._signature = None
+            return
+        try:
+            new = ForwardingMap.load(self.path)
+        except OSError as exc:
+            log.error("forwarding map %s unreadable (%s); keeping %d entries", self.path,
+                      exc.strerror, len(self.current))
+            return
+        self.current = new  # one reference swap: readers see the old or the new map
+        self._signature = signature
+        log.info("forwarding map %s loaded: %d addresses, %d domains", self.path,
+                 len(new.addresses), len(new.domains))
