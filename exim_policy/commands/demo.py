@@ -1,0 +1,398 @@
+"""exim-policy demo: the whole chain on loopback, and what happens to each kind of mail.
+
+Starts, in a fresh temp dir, everything the production setup has: an NXDOMAIN-only DNS
+responder (so nothing leaves the machine), Rspamd 3.4, the shim (``exim-policy serve``),
+Exim 4.96 running the bundled exim/exim.conf, and an SMTP sink standing in for the
+Internet.  Then it sends one message per scenario through Exim with smtplib, looks where
+each ended up (a Maildir, the quarantine, the sink, nowhere) and prints a table.
+
+Exit status: 0 if every scenario matched its expectation, 1 if one did not, 2 if the
+demo cannot run here (not root, a package missing, a component failed to start), 130 on
+Ctrl-C.  Whatever it started is stopped on every path out (normal end, error, Ctrl-C,
+SIGTERM).
+"""
+from __future__ import annotations
+
+import argparse
+import email.parser
+import email.policy
+import email.utils
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import smtplib
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAME = "demo"
+HELP = "run Rspamd, the shim, Exim and an SMTP sink on loopback and show the outcomes"
+
+#: binary -> Debian package that provides it
+REQUIRED_BINARIES = {
+    "rspamd": "rspamd",
+    "exim": "exim4-daemon-heavy",
+    "openssl": "openssl",
+    "setpriv": "util-linux",
+}
+
+DOMAIN = "lab.test"
+LOCAL = f"bob@{DOMAIN}"
+FORWARDER = f"fwd@{DOMAIN}"
+FORWARD_TARGET = "ext-fwd@example.com"
+EXTERNAL = "carol@example.com"
+USER = ("tester", "testpass")
+USER_ADDRESS = f"tester@{DOMAIN}"
+STRANGER = "alice@example.org"
+RELAY_HOST = "::1"
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+HAM_TEXT = (
+    "Hi,\n\nthanks for the notes from Tuesday's planning meeting. I went through the action "
+    "items this morning and I think we are in good shape for the release at the end of next "
+    "month. Carol offered to check with the documentation team on Thursday.\n\n"
+    "I also updated the budget spreadsheet with the revised travel estimates and moved the "
+    "hardware items into a section of their own, so that they are easier to review.\n\n"
+    "Best regards,\nAlice\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (configs, logs, Maildirs) after the run")
+
+
+def missing_prerequisites() -> list[str]:
+    """Human-readable problems that stop the demo; empty when it can run."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root: it starts Rspamd and Exim as their service users "
+                        "(try: sudo .venv/bin/exim-policy demo)")
+    missing = sorted({pkg for binary, pkg in REQUIRED_BINARIES.items()
+                      if shutil.which(binary) is None})
+    if missing:
+        problems.append(f"missing Debian package(s): {' '.join(missing)} (apt-get install "
+                        f"{' '.join(missing)}, or: sudo bash contrib/setup.sh)")
+    if importlib.util.find_spec("aiosmtpd") is None:  # the SMTP sink
+        problems.append("missing Python package aiosmtpd: pip install -e '.[lab]'")
+    from ..lab.errors import LabUnavailable
+    from ..lab.exim import find_exim_dir
+
+    try:
+        find_exim_dir()  # the demo runs the repository's exim/ configuration
+    except LabUnavailable as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    problems = missing_prerequisites()
+    if problems:
+        for problem in problems:
+            print(f"exim-policy demo: {problem}", file=sys.stderr)
+        return 2
+
+    # SIGTERM must unwind like Ctrl-C, so that the finally blocks stop the daemons
+    def _terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(keep=args.keep)
+    except KeyboardInterrupt:
+        print("exim-policy demo: interrupted; everything it started was stopped",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------- messages --
+def _message(subject: str, body: str, to: str, sender: str, extra: str = "") -> tuple[str, bytes]:
+    """(Message-ID, message).  To: equals the envelope recipient, as Rspamd expects
+    (FORGED_RECIPIENTS would otherwise add to the score)."""
+    mid = f"{uuid.uuid4().hex}@demo.example.org"
+    date = email.utils.formatdate(localtime=False)
+    text = (f"Date: {date}\nFrom: {sender}\nTo: {to}\nSubject: {subject}\n"
+            f"Message-ID: <{mid}>\n{extra}MIME-Version: 1.0\n"
+            "Content-Type: text/plain; charset=UTF-8\nContent-Transfer-Encoding: 7bit\n\n"
+            f"{body}")
+    return mid, text.replace("\n", "\r\n").encode()
+
+
+def ham(to: str, sender: str = STRANGER) -> tuple[str, bytes]:
+    return _message("Notes from the planning meeting", HAM_TEXT, to, sender)
+
+
+def gtube(to: str, sender: str = STRANGER) -> tuple[str, bytes]:
+    return _message("GTUBE test", f"Hello,\n\nspam filter test:\n\n{GTUBE}\n", to, sender)
+
+
+def add_header_spam(to: str, sender: str = STRANGER) -> tuple[str, bytes]:
+    """The lab's Rspamd scores ``X-Test-Spam: add-header`` 7.0: an "add header" verdict."""
+    return _message("Header-triggered spam test", HAM_TEXT, to, sender,
+                    extra="X-Test-Spam: add-header\n")
+
+
+# -------------------------------------------------------------------- the stack --
+@dataclass
+class Stack:
+    """The running components; ``stop()`` stops whatever was started, in reverse order."""
+
+    workdir: Path
+    lab: Any = None    # exim_policy.lab.Lab: nxdns, rspamd, sink
+    shim: Any = None   # exim_policy.lab.shim.ShimLab
+    exim: Any = None   # exim_policy.lab.exim.EximLab
+    errors: list[str] = field(default_factory=list)
+
+    def start(self, say: Callable[[str], None]) -> None:
+        from ..lab import Lab
+        from ..lab.exim import EximLab
+        from ..lab.shim import ShimLab
+
+        say("starting the DNS responder, Rspamd and the SMTP sink")
+        self.lab = Lab(self.workdir, sink=True)
+        self.lab.start()
+        say("starting the shim (exim-policy serve)")
+        self.shim = ShimLab(self.workdir, rspamd_url=self.lab.rspamd.url,
+                            forwarding=(FORWARDER,), relay_networks=(f"{RELAY_HOST}/128",))
+        self.shim.start()
+        say("starting Exim with exim/exim.conf")
+        self.exim = EximLab(self.workdir, spamd_address=self.shim.spamd_address,
+                            sink_port=self.lab.sink.port, relay_hosts=f"<; {RELAY_HOST}",
+                            aliases={"fwd": FORWARD_TARGET}, ipv6=True)
+        self.exim.start()
+
+    def stop(self) -> None:
+        for part in (self.exim, self.shim, self.lab):
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except Exception as exc:  # keep stopping the rest
+                self.errors.append(f"{type(part).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    reply: str
+    code: int
+    places: tuple[str, ...]
+
+
+def send(stack: Stack, message: bytes, rcpts: Sequence[str], *, sender: str = STRANGER,
+         auth: bool = False, host: str = "127.0.0.1") -> tuple[int, str, str | None]:
+    """One SMTP transaction; returns (code, reply text, Exim queue id if accepted)."""
+    with smtplib.SMTP(host, stack.exim.port, local_hostname="client.test",
+                      timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        if auth:
+            smtp.login(*USER)
+        smtp.mail(sender)
+        for rcpt in rcpts:
+            code, text = smtp.rcpt(rcpt)
+            if code not in (250, 251):
+                return code, text.decode(errors="replace"), None
+        try:
+            code, text = smtp.data(message)
+        except smtplib.SMTPDataError as exc:
+            code, text = exc.smtp_code, exc.smtp_error
+    reply = one_line(text.decode(errors="replace"))
+    found = re.search(r"\bid=(\S+)", reply)
+    return code, reply, found.group(1) if found and code == 250 else None
+
+
+def one_line(text: str) -> str:
+    """A multi-line SMTP reply (Exim splits long ACL messages) as one line, without the
+    repeated enhanced status codes of the continuation lines."""
+    return " ".join(re.sub(r"\n(?:\d\.\d{1,3}\.\d{1,3} )?", " ", text).split())
+
+
+def locate(stack: Stack, message_id: str) -> tuple[str, ...]:
+    """Where copies of the message are: mailboxes and the sink (with its recipients)."""
+    places = []
+    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+    for user in ("bob", "carol", "quarantine"):
+        for path in stack.exim.maildir_files(user):
+            headers = parser.parsebytes(path.read_bytes())
+            if (headers.get("Message-ID") or "").strip("<> ") == message_id:
+                note = ""
+                if headers.get("X-Spam-Flag"):
+                    note = " (X-Spam-Flag)"
+                if headers.get("X-Exim-Policy-Recipients"):
+                    note = f" (for {' '.join(str(headers['X-Exim-Policy-Recipients']).split())})"
+                places.append(f"mailbox {user}{note}")
+    for msg in stack.lab.sink.messages:
+        if f"<{message_id}>".encode() in msg.data:
+            places.append("sink: " + ", ".join(msg.rcpt_tos))
+    return tuple(places)
+
+
+def deliver(stack: Stack, message: tuple[str, bytes], rcpts: Sequence[str], **kw: Any) -> Outcome:
+    """Send, wait until Exim finished the deliveries, and locate the copies."""
+    message_id, data = message
+    code, reply, queue_id = send(stack, data, rcpts, **kw)
+    if queue_id:
+        stack.exim.wait_completed(queue_id, timeout=30)
+    else:
+        time.sleep(0.3)  # a (wrong) delivery or bounce would show up by now
+    return Outcome(f"{code} {reply}", code, locate(stack, message_id))
+
+
+# --------------------------------------------------------------------- scenarios --
+@dataclass(frozen=True)
+class Scenario:
+    title: str
+    expected: str
+    code: int
+    #: the exact set of places a copy must be found in (empty: nowhere)
+    places: tuple[str, ...]
+    action: Callable[[Stack], Outcome]
+
+
+def _retry_after(restart: Callable[[Stack], None], message: Callable[[], tuple[str, bytes]],
+                 rcpts: Sequence[str], **kw: Any) -> Callable[[Stack], Outcome]:
+    """Send while something is down, restart it, send the same message again (what a
+    client does after a 451); the outcome is the retry's, the first reply is shown too."""
+    def action(stack: Stack) -> Outcome:
+        msg = message()
+        first = send(stack, msg[1], rcpts, **kw)
+        restart(stack)
+        again = deliver(stack, msg, rcpts, **kw)
+        reply = f"first {first[0]}, retry {again.reply}"
+        ok_first = first[0] == 451
+        return Outcome(reply, again.code if ok_first else first[0], again.places)
+    return action
+
+
+def _down(part: str) -> Callable[[Stack], None]:
+    def stop(stack: Stack) -> None:
+        (stack.lab.rspamd if part == "rspamd" else stack.shim).stop()
+    return stop
+
+
+def _up(part: str) -> Callable[[Stack], None]:
+    def start(stack: Stack) -> None:
+        (stack.lab.rspamd if part == "rspamd" else stack.shim).start()
+    return start
+
+
+def _with_down(part: str, inner: Callable[[Stack], Outcome]) -> Callable[[Stack], Outcome]:
+    def action(stack: Stack) -> Outcome:
+        _down(part)(stack)
+        try:
+            return inner(stack)
+        finally:
+            _up(part)(stack)
+    return action
+
+
+def scenarios() -> list[Scenario]:
+    q_ext = f"mailbox quarantine (for {EXTERNAL})"
+    return [
+        Scenario("inbound ham", "delivered to bob", 250, ("mailbox bob",),
+                 lambda s: deliver(s, ham(LOCAL), [LOCAL])),
+        Scenario("inbound GTUBE", "550 at DATA, no bounce", 550, (),
+                 lambda s: deliver(s, gtube(LOCAL), [LOCAL])),
+        Scenario("authenticated GTUBE to an external address", "quarantined, not relayed",
+                 250, (q_ext,),
+                 lambda s: deliver(s, gtube(EXTERNAL, USER_ADDRESS), [EXTERNAL],
+                                   sender=USER_ADDRESS, auth=True)),
+        Scenario(f"GTUBE from relay host {RELAY_HOST} (unauthenticated)",
+                 "outbound: quarantined", 250, (q_ext,),
+                 lambda s: deliver(s, gtube(EXTERNAL), [EXTERNAL], host=RELAY_HOST)),
+        Scenario("add-header spam to a forwarding address", "550 at DATA, not forwarded",
+                 550, (), lambda s: deliver(s, add_header_spam(FORWARDER), [FORWARDER])),
+        Scenario("add-header spam to a local mailbox", "delivered with X-Spam headers",
+                 250, ("mailbox bob (X-Spam-Flag)",),
+                 lambda s: deliver(s, add_header_spam(LOCAL), [LOCAL])),
+        Scenario("authenticated ham to an external address", "relayed to the sink", 250,
+                 (f"sink: {EXTERNAL}",),
+                 lambda s: deliver(s, ham(EXTERNAL, USER_ADDRESS), [EXTERNAL],
+                                   sender=USER_ADDRESS, auth=True)),
+        Scenario("ham to bob + fwd (forwards to ext-fwd@example.com)", "reaches both", 250,
+                 ("mailbox bob", f"sink: {FORWARD_TARGET}"),
+                 lambda s: deliver(s, ham(f"{LOCAL}, {FORWARDER}"), [LOCAL, FORWARDER])),
+        Scenario("add-header spam to bob + fwd", "550 for all: nothing forwarded", 550, (),
+                 lambda s: deliver(s, add_header_spam(f"{LOCAL}, {FORWARDER}"),
+                                   [LOCAL, FORWARDER])),
+        Scenario("Rspamd down: inbound ham", "accepted (inbound fails open)", 250,
+                 ("mailbox bob",),
+                 _with_down("rspamd", lambda s: deliver(s, ham(LOCAL), [LOCAL]))),
+        Scenario("Rspamd down: authenticated GTUBE, then retry with Rspamd back",
+                 "451, retry quarantined", 250, (q_ext,),
+                 _with_down("rspamd", _retry_after(
+                     _up("rspamd"), lambda: gtube(EXTERNAL, USER_ADDRESS), [EXTERNAL],
+                     sender=USER_ADDRESS, auth=True))),
+        Scenario("shim down: authenticated GTUBE, then retry with the shim back",
+                 "451 (never relayed), retry quarantined", 250, (q_ext,),
+                 _with_down("shim", _retry_after(
+                     _up("shim"), lambda: gtube(EXTERNAL, USER_ADDRESS), [EXTERNAL],
+                     sender=USER_ADDRESS, auth=True))),
+        Scenario("shim down: inbound ham, then retry with the shim back",
+                 "451 (nothing lost), retry delivered", 250, ("mailbox bob",),
+                 _with_down("shim", _retry_after(_up("shim"), lambda: ham(LOCAL), [LOCAL]))),
+    ]
+
+
+# ------------------------------------------------------------------------- main --
+def _main(keep: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..lab import LabError, LabUnavailable
+
+    console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="exim-policy-demo-"))
+    workdir.chmod(0o755)  # the service users (_rspamd, Debian-exim) must get in
+    stack = Stack(workdir)
+    results: list[tuple[Scenario, Outcome | None, bool, str]] = []
+    try:
+        with console.status("starting") as status:
+            try:
+                stack.start(lambda text: status.update(text))
+            except (LabUnavailable, LabError, RuntimeError) as exc:
+                console.print(f"[red]exim-policy demo: a component did not start:[/] {exc}")
+                return 2
+            exim = stack.exim
+            console.print(f"Rspamd {stack.lab.rspamd.url} | shim 127.0.0.1:{stack.shim.port} "
+                          f"| Exim 127.0.0.1 + [::1]:{exim.port} | sink 127.0.0.1:"
+                          f"{stack.lab.sink.port} | work dir {workdir}")
+            for number, scenario in enumerate(scenarios(), 1):
+                status.update(f"scenario {number}: {scenario.title}")
+                try:
+                    outcome = scenario.action(stack)
+                except (OSError, smtplib.SMTPException, TimeoutError, LabError,
+                        RuntimeError) as exc:
+                    results.append((scenario, None, False, f"error: {exc}"))
+                    continue
+                ok = outcome.code == scenario.code and (
+                    sorted(outcome.places) == sorted(scenario.places))
+                results.append((scenario, outcome, ok, ""))
+    finally:
+        stack.stop()
+        if keep:
+            console.print(f"work dir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table = Table(title="exim-policy demo: Exim 4.96 -> shim -> Rspamd 3.4, on loopback",
+                  show_lines=True)
+    for column in ("#", "scenario", "expected", "SMTP reply", "ended up in", "result"):
+        table.add_column(column, overflow="fold")
+    for number, (scenario, outcome, ok, error) in enumerate(results, 1):
+        table.add_row(str(number), scenario.title, scenario.expected,
+                      outcome.reply if outcome else error,
+                      "\n".join(outcome.places) if outcome and outcome.places else "nowhere",
+                      "[green]PASS[/]" if ok else "[red]FAIL[/]")
+    console.print(table)
+    for error in stack.errors:
+        console.print(f"[yellow]while stopping: {error}[/]")
+    passed = sum(1 for _, _, ok, _ in results if ok)
+    console.print(f"{passed} of {len(results)} scenarios as expected")
+    return 0 if passed == len(results) == len(scenarios()) else 1
