@@ -89,6 +89,7 @@ class _Connection(asyncio.Protocol):
         self.waiting = False
         self.paused = False
         self.holds_slot = False
+        self.received = False
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
 
@@ -123,6 +124,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
             return
+        self.received = True
         self.parser.feed(data)
         self._advance()
 
@@ -150,6 +152,10 @@ class _Connection(asyncio.Protocol):
         self.parser = None  # one request per connection: later bytes are not ours
         self.transport.pause_reading()
         if isinstance(event, ProtocolError):
+            if not self.received:  # connect and close: a health check, not an error
+                log.debug("connection from %s closed without a request", self.peer)
+                self.transport.close()
+                return
             self._fail(event)
             return
         task = self.loop.create_task(self._respond(event))

@@ -282,3 +282,19 @@ def test_chunked_delivery_same_answer(chunk):
             await server.stop()
 
     assert b"Action: add header\r\n" in asyncio.run(main())
+
+
+def test_connect_and_close_is_not_logged_as_an_error(caplog):
+    async def main():
+        server, port = await start(FakeScanner())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()  # what a TCP health check does
+            await asyncio.sleep(0.1)
+            return await exchange(port, rspamc_request())
+        finally:
+            await server.stop()
+
+    with caplog.at_level("INFO", logger="exim_policy.server"):
+        assert b"Action: no action" in asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]

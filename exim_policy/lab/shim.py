@@ -48,12 +48,15 @@ class ShimLab:
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        #: the policy-helper (query) listener, for ${readsocket}
+        self.query_port = free_port()
         self.config_path = self.dir / "config.toml"
         self.map_path = self.dir / "forwardings.txt"
         self.log_path = self.dir / "shim.log"
         self.proc: subprocess.Popen | None = None
         sections: dict[str, dict[str, object]] = {
-            "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0},
+            "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
+                       "query_listen": [f"{LOOPBACK}:{self.query_port}"]},
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
             "outbound": {"relay_networks": list(relay_networks)},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
@@ -63,6 +66,11 @@ class ShimLab:
             sections["failure"] = dict(failure)
         self.config_path.write_text(render_toml(sections) + extra_toml)
         self.write_forwarding(forwarding, wait=False)
+
+    @property
+    def query_address(self) -> str:
+        """The value for the Exim macro EXIM_POLICY_QUERY (a ${readsocket} spec)."""
+        return f"inet:{LOOPBACK}:{self.query_port}"
 
     @property
     def spamd_address(self) -> str:
