@@ -100,3 +100,34 @@ def test_check_config_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == "exim-policy: config: rspamd.timeout: expected a positive number"
     assert "Traceback" not in err
+
+
+def test_example_config_is_valid_and_complete():
+    """contrib/config.example.toml documents every key with its default."""
+    import dataclasses
+    from pathlib import Path
+
+    from exim_policy.config import Config
+
+    path = Path(__file__).resolve().parent.parent / "contrib" / "config.example.toml"
+    assert load(path) == from_dict({})  # the example shows the defaults
+
+    import sys
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    data = tomllib.loads(path.read_text())
+
+    def missing(cls, table, prefix):
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            if f.name == "sources":
+                continue  # a list of tables, shown commented out
+            if dataclasses.is_dataclass(f.type) or (
+                    isinstance(f.default, object) and dataclasses.is_dataclass(f.default)):
+                yield from missing(type(f.default), table.get(f.name, {}), key + ".")
+            elif f.name not in table:
+                yield key
+
+    assert list(missing(Config, data, "")) == []
