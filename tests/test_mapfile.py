@@ -76,3 +76,16 @@ def test_watcher_run_picks_up_changes(tmp_path):
         return watcher.current.forwards("z@example.com")
 
     assert asyncio.run(main())
+
+
+def test_8bit_addresses_match_as_exim_sends_them(tmp_path):
+    """The codecs decode request bytes as latin-1; a UTF-8 map must match those views."""
+    path = tmp_path / "map.txt"
+    path.write_bytes("j\u00f6rg@lab.test\n\u00dcber@lab.test\n".encode("utf-8"))
+    fmap = ForwardingMap.load(str(path))
+    as_sent = "j\u00f6rg@lab.test".encode("utf-8").decode("latin-1")  # what rspamc.envelope gives
+    assert fmap.forwards(as_sent)
+    assert fmap.forwards("<" + as_sent.upper() + ">")  # ASCII letters fold, bytes stay
+    # 8-bit bytes are compared as they are, never case-folded as latin-1 letters
+    assert fmap.forwards("\u00dcber@lab.test".encode("utf-8").decode("latin-1"))
+    assert not fmap.forwards("\u00fcber@lab.test".encode("utf-8").decode("latin-1"))

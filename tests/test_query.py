@@ -110,3 +110,12 @@ def test_file_scan_agrees_with_the_daemons_matcher(tmp_path):
                     "x.y+z@example.org", "xxy+z@example.org", "fwd@example.com.evil",
                     "a@sub.old.example", "header@x"]:
         assert _map_file_has(str(path), address) == fmap.forwards(address), address
+
+
+def test_query_command_8bit_address(tmp_path, capsys):
+    fmap = tmp_path / "forwardings.txt"
+    fmap.write_bytes("j\u00f6rg@lab.test\n".encode("utf-8"))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[forwarding]\nmap = "{fmap}"\n')
+    assert cli.main(["query", "forwarding", "J\u00f6rg@Lab.test", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "yes\n"

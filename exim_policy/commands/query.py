@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_CONFIG_PATH, load
 
     config = load(args.config or DEFAULT_CONFIG_PATH)
-    answer = _ask_daemon(config, args.address)
+    # the bytes Exim passed; the daemon and the map compare addresses as latin-1 views of them
+    raw = args.address.encode("utf-8", "surrogateescape")
+    answer = _ask_daemon(config, raw)
     if answer is None:
         try:
-            answer = "yes" if _map_file_has(config.forwarding.map, args.address) else "no"
+            answer = "yes" if _map_file_has(config.forwarding.map, raw.decode("latin-1")) else "no"
         except OSError as exc:
             print(f"exim-policy: cannot read {config.forwarding.map}: {exc.strerror}",
                   file=sys.stderr)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if answer == "yes" else 1
 
 
-def _ask_daemon(config, address: str) -> str | None:
+def _ask_daemon(config, address: bytes) -> str | None:
     """The daemon's answer, or None when no query socket answers (then read the file)."""
     import socket
 
@@ -53,7 +55,7 @@ def _ask_daemon(config, address: str) -> str | None:
             with sock:
                 sock.settimeout(2.0)
                 sock.connect(target)
-                sock.sendall(f"forwarding {address}\n".encode("latin-1", "replace"))
+                sock.sendall(b"forwarding " + address + b"\n")
                 sock.shutdown(socket.SHUT_WR)
                 reply = sock.recv(64).decode("latin-1").strip()
         except OSError:
@@ -68,11 +70,11 @@ def _map_file_has(path: str, address: str) -> bool:
     building the set (a ~100k-line map answers in a few ms)."""
     import re
 
-    from ..forwarding.mapfile import normalize_address
+    from ..forwarding.mapfile import _ASCII_LOWER, normalize_address
 
     addr = normalize_address(address)
     domain = addr.rpartition("@")[2]
     entry = re.compile(r"^[ \t]*<?(?:%s|@%s)>?(?:[ \t#]|$)" % (re.escape(addr), re.escape(domain)),
                        re.MULTILINE)
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        return entry.search(fh.read().lower()) is not None
+    with open(path, encoding="latin-1") as fh:  # as ForwardingMap.load reads it
+        return entry.search(fh.read().translate(_ASCII_LOWER)) is not None

@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+#: ASCII letters only: addresses are compared as the bytes Exim sent (8-bit SMTPUTF8 parts
+#: as UTF-8 bytes decoded latin-1), and lower-casing those as latin-1 letters would corrupt them
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def normalize_address(address: str) -> str:
-    """``<Fwd@Example.COM>`` -> ``fwd@example.com``."""
-    return address.strip().strip("<>").strip().lower()
+    """``<Fwd@Example.COM>`` -> ``fwd@example.com`` (ASCII case folded, 8-bit kept as is)."""
+    return address.strip().strip("<>").strip().translate(_ASCII_LOWER)
 
 
 @dataclass(frozen=True)
@@ -48,5 +53,6 @@ class ForwardingMap:
 
     @classmethod
     def load(cls, path: str) -> "ForwardingMap":
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        # latin-1: one character per byte, like the recipients the protocol codecs decode
+        with open(path, encoding="latin-1") as fh:
             return cls.parse(fh.read())

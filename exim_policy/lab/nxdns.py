@@ -142,11 +142,12 @@ class _Responder(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        # log first: whoever got the answer may read the log at once
+        if self.log is not None:
+            self.log.write(describe_query(data) + "\n")
         reply = build_reply(data)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
-        if self.log is not None:
-            self.log.write(describe_query(data) + "\n")
 
 
 async def serve(host: str, port: int, log_path: str | None = None) -> None:
