@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,19 +13,9 @@ from exim_policy.protocol.mbox import (envelope_from_mbox, exim_mbox_wrap, leadi
                                        strip_mbox_from_line)
 
 
-def _golden(name: str):
-    """Load tests/golden/<name>.py (test data, not a package) once per session."""
-    key = f"exim_policy_tests_golden_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).with_name("golden") / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up while executing it
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
-cap = _golden("captures")
+from golden import captures as cap  # noqa: E402 (tests/ is on sys.path, see conftest)
 
 
 # ------------------------------------------------------------------------------- strip --

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tracemalloc
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,19 +14,9 @@ from exim_policy.protocol.parser import (MAX_HEADER_LINES, MAX_REQUEST_LINE, NEE
                                          RequestParser, version_tuple)
 
 
-def _golden(name: str):
-    """Load tests/golden/<name>.py (test data, not a package) once per session."""
-    key = f"exim_policy_tests_golden_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).with_name("golden") / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up while executing it
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
-cap = _golden("captures")
+from golden import captures as cap  # noqa: E402 (tests/ is on sys.path, see conftest)
 
 CHUNK_SIZES = [None, 4096, 128, 16, 1]
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,20 +21,10 @@ from exim_policy.protocol import spamc
 from exim_policy.protocol.parser import NEED_DATA, RequestParser
 
 
-def _golden(name: str):
-    """Load tests/golden/<name>.py (test data, not a package) once per session."""
-    key = f"exim_policy_tests_golden_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).with_name("golden") / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up while executing it
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
-cap = _golden("captures")
-exim = _golden("exim_reply_parse")
+from golden import captures as cap  # noqa: E402 (tests/ is on sys.path, see conftest)
+from golden import exim_reply_parse as exim  # noqa: E402
 
 
 def parsed(data: bytes, eof: bool = True) -> Request:
