@@ -2,7 +2,6 @@
 Exim 4.96's parse of them (modelled), and the real spamc client against them (live)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess

@@ -9,4 +9,9 @@ Modules import their heavy dependencies inside ``run`` so that start-up stays fa
 MODULES = (
     "serve",
     "check_config",
+    "forwardings",
+    "query",
+    "test",
+    "demo",
+
 )

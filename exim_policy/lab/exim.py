@@ -2,9 +2,10 @@
 
 ``EximLab(workdir, spamd_address=..., sink_port=...)`` lays out ``<workdir>/exim/``:
 
-- ``conf/`` holds COPIES of exim/*.conf (exim.conf, main.conf, acl_data.conf,
-  routers.conf) and ``lab.conf``, the wrapper Exim is started with: it defines the SITE_*
-  and EXIM_POLICY_* macros (paths, port, shim address, relay hosts, quarantine) and then
+- ``conf/`` holds COPIES of exim/*.conf (exim.conf, main.conf, acl_rcpt.conf,
+  acl_data.conf, routers.conf) and ``lab.conf``, the wrapper Exim is started with: it
+  defines the SITE_* and EXIM_POLICY_* macros (paths, port, shim address, policy-helper
+  address, relay hosts, quarantine) and then
   ``.include``s ``conf/exim.conf`` (or a caller's ``template``).  Copies, because Exim
   started with ``-C`` gives up root and re-executes itself as Debian-exim for every
   delivery, and that user must be able to read every file of the configuration;
@@ -17,6 +18,12 @@ The local domain is ``lab.test`` (``DOMAIN``), the quarantine ``quarantine@lab.t
 for any other domain goes to the SMTP sink on ``127.0.0.1:sink_port``.  Exim listens on
 127.0.0.1 and ::1 on the same port, so a test can connect from ::1 to be a different
 client (e.g. one in EXIM_POLICY_RELAY_HOSTS).  Nothing uses DNS (``SITE_OFFLINE``).
+
+EXIM_POLICY_QUERY (acl_rcpt.conf's ``${readsocket}`` spec) is ``query_address`` when
+given (``ShimLab.query_address``).  Without it the lab points it at a Unix socket path in
+its own directory that never exists: the helper is then "down", acl_rcpt.conf logs that
+and splits nothing, so such a lab behaves as a site without acl_rcpt.conf -- never at
+main.conf's default port, where some other process may listen.
 
 ``start()`` checks the configuration (``-bV``), runs ``exim -C lab.conf -bdf`` as root in
 its own session (the daemon drops to Debian-exim itself) and waits for the 220 banner,
@@ -53,8 +60,8 @@ HOSTNAME = "mx.lab.test"
 QUARANTINE = f"quarantine@{DOMAIN}"
 DEFAULT_USERS = ("bob", "carol", "dave", "quarantine", "postmaster")
 DEFAULT_AUTH_USERS: Mapping[str, str] = {"tester": "testpass"}
-#: the files of exim/ the lab copies; exim.conf includes the other three
-CONFIG_FILES = ("exim.conf", "main.conf", "acl_data.conf", "routers.conf")
+#: the files of exim/ the lab copies; exim.conf includes the other four
+CONFIG_FILES = ("exim.conf", "main.conf", "acl_rcpt.conf", "acl_data.conf", "routers.conf")
 LOOPBACK6 = "::1"
 _LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")
 _MACRO_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -137,12 +144,15 @@ class EximLab:
                  auth_users: Mapping[str, str] | None = None,
                  extra_macros: Mapping[str, str] | None = None,
                  template: str | None = None, ipv6: bool | None = None,
-                 exim_dir: str | os.PathLike[str] | None = None) -> None:
+                 exim_dir: str | os.PathLike[str] | None = None,
+                 query_address: str | None = None) -> None:
         """``relay_hosts``: an Exim host list (``"<; ::1"``) for EXIM_POLICY_RELAY_HOSTS.
         ``aliases``: local part -> redirect data (``"fwd": "ext-fwd@example.com"``).
         ``template``: a whole configuration text to include instead of exim/exim.conf; it
         can use the same SITE_* macros (test of Rspamd's own example ACL).
-        ``ipv6``: also listen on ::1 (default: if the machine has IPv6 loopback)."""
+        ``ipv6``: also listen on ::1 (default: if the machine has IPv6 loopback).
+        ``query_address``: EXIM_POLICY_QUERY, the shim's policy helper as a readsocket
+        spec (``"inet:127.0.0.1:PORT"``); default: a socket path that never exists."""
         self.root = Path(workdir) / "exim"
         self.conf_dir = self.root / "conf"
         self.config_path = self.conf_dir / "lab.conf"
@@ -163,6 +173,7 @@ class EximLab:
         self.template = template
         self.ipv6 = ipv6_loopback_available() if ipv6 is None else ipv6
         self.exim_dir = Path(exim_dir) if exim_dir is not None else None
+        self.query_address = query_address or str(self.root / "no-query-helper.sock")
         self.port = 0
         self.process: ManagedProcess | None = None
         for name in (*self.local_users, *self.aliases):
@@ -277,6 +288,7 @@ class EximLab:
             "EXIM_POLICY_SPAMD": spamd,
             "EXIM_POLICY_QUARANTINE": QUARANTINE,
             "EXIM_POLICY_RELAY_HOSTS": self.relay_hosts,
+            "EXIM_POLICY_QUERY": self.query_address,
         }
         macros.update(self.extra_macros)
         return macros
