@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Forwarding-map build benchmark: wall time and peak memory at growing sizes.
+
+    python bench/bench_forwarding.py                       # 100k, 300k, 1M aliases
+    python bench/bench_forwarding.py --sizes 50000,200000 --edges-per-alias 2
+
+For each size: generate a synthetic alias set with bench/forwarding_gen.py (not timed),
+then run one ``build_map`` (parse + graph + closure + sorted write of a new map) in a
+*fresh* Python process, so that its peak RSS (``resource.getrusage().ru_maxrss``) belongs
+to that size alone.  Prints wall time, peak RSS, microseconds per alias and the map size;
+the per-alias time and memory should stay roughly flat as sizes grow (linear scaling).
+Target from the issue: 1,000,000 aliases / 2,000,000 targets in <= 3 s and <= 600 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Runs in the child process: one build, then its own measurements as JSON.
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from exim_policy.config import load
+from exim_policy.forwarding.build import build_map
+config = load({config!r}).forwarding
+started = time.perf_counter()
+result = build_map(config)
+seconds = time.perf_counter() - started
+print(json.dumps({{"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   "entries": result.entries, "aliases": result.aliases, "edges": result.edges,
+                   "written": bool(result.written), "warnings": result.warning_count}}))
+"""
+
+
+def run_size(aliases: int, edges: int, seed: int, workdir: Path, timeout: float) -> dict:
+    alias_file = workdir / f"virtual-{aliases}"
+    subprocess.run([sys.executable, str(HERE / "forwarding_gen.py"), "--aliases", str(aliases),
+                    "--edges", str(edges), "--seed", str(seed), "--out", str(alias_file)],
+                   check=True, timeout=timeout)
+    config = workdir / f"config-{aliases}.toml"
+    config.write_text(f"""\
+[forwarding]
+local_domains_file = "{alias_file}.domains"
+map = "{workdir}/map-{aliases}.txt"
+
+[[forwarding.sources]]
+type = "lsearch"
+path = "{alias_file}"
+""")
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), config=str(config))],
+                         check=True, capture_output=True, text=True, timeout=timeout)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data["file_mb"] = alias_file.stat().st_size / 2**20
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,300000,1000000",
+                        help="comma-separated alias counts (default %(default)s)")
+    parser.add_argument("--edges-per-alias", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="deadline per generator/build process, seconds")
+    parser.add_argument("--keep", metavar="DIR", help="write the files here and keep them")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    tmp = None
+    if args.keep:
+        workdir = Path(args.keep)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-forwarding-")
+        workdir = Path(tmp.name)
+    print(f"{'aliases':>9} {'targets':>9} {'file MB':>8} {'wall s':>7} {'peak MB':>8} "
+          f"{'us/alias':>9} {'KB/alias':>9} {'map lines':>10}")
+    try:
+        for aliases in sizes:
+            edges = int(aliases * args.edges_per_alias)
+            r = run_size(aliases, edges, args.seed, workdir, args.timeout)
+            peak_mb = r["maxrss_kb"] / 1024
+            print(f"{aliases:>9} {edges:>9} {r['file_mb']:>8.1f} {r['seconds']:>7.2f} "
+                  f"{peak_mb:>8.0f} {r['seconds'] / aliases * 1e6:>9.2f} "
+                  f"{r['maxrss_kb'] / aliases:>9.3f} {r['entries']:>10}", flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

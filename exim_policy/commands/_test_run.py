@@ -1,0 +1,354 @@
+"""The engine of ``exim-policy test``: inputs -> the daemon's evaluation -> results, in order.
+
+Inputs are collected first (paths checked, directories walked, mbox files indexed) and read
+later, one by one, in worker threads, so the event loop never blocks on a disk and a large
+directory is never held in memory at once. At most :data:`WINDOW` messages are in flight;
+results come back in input order.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import mailbox
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, load
+from ..envelope_guess import EnvelopeGuess, as_exim_sends, guess_envelope, wire_text
+from ..forwarding.graph import Explanation
+from ..forwarding.mapfile import ForwardingMap
+from ..model import Decision
+from ..outcome import EXIM_MAX_SCAN_SIZE, EximOutcome, exim_outcome
+from ..protocol.text import valid_ip
+from ..scanner.rspamd import RspamdScanner
+from ..service import Evaluation, PolicyService
+
+#: messages scanned at once: enough to overlap file reads and Rspamd round trips, few
+#: enough that large messages do not pile up in memory
+WINDOW = 4
+
+
+class UsageError(Exception):
+    """Bad options or no input at all: one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One message to test. ``load`` reads it (blocking; raises OSError)."""
+
+    label: str              # for people: the path, "path (message 3)" or "-"
+    path: str
+    mbox_index: int | None  # 1-based position in an mbox file
+    load: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class Tested:
+    source: Source
+    size: int
+    #: bytes Rspamd got (after --exim-mbox wrapping and the From_ line strip)
+    scanned_size: int
+    guess: EnvelopeGuess
+    evaluation: Evaluation
+    outcome: EximOutcome
+    #: alias chains of the forwarding recipients; None when no sources are configured or
+    #: they could not be read (then ``exim-policy forwardings explain`` is the way)
+    chains: tuple[Explanation, ...] | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self.evaluation.decision
+
+
+@dataclass(frozen=True)
+class InputFailed:
+    """The message could not be read; the run goes on and ends with exit 2."""
+
+    source: Source
+    error: str
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Envelope parts given on the command line, in wire form."""
+
+    sender: str | None = None
+    recipients: tuple[str, ...] = ()
+    user: str | None = None
+    ip: str | None = None
+    helo: str | None = None
+
+
+def overrides_from(args: argparse.Namespace) -> Overrides:
+    ip = None
+    if args.ip is not None:
+        ip = valid_ip(args.ip)
+        if ip is None:
+            raise UsageError(f"--ip: {args.ip!r} is not an IP address")
+    if args.user is not None and not args.user.strip():
+        raise UsageError("--user: empty (leave it out for an unauthenticated message)")
+    for name, value in (("--from", args.sender), ("--user", args.user), ("--helo", args.helo),
+                        *(("--rcpt", r) for r in args.rcpt)):
+        if value is not None and any(c in value for c in "\r\n\0"):
+            raise UsageError(f"{name}: control characters are not allowed")
+    return Overrides(
+        sender=wire_text(args.sender) if args.sender is not None else None,
+        recipients=tuple(wire_text(r) for r in args.rcpt if r.strip()),
+        user=wire_text(args.user.strip()) if args.user is not None else None,
+        ip=ip,
+        helo=wire_text(args.helo) if args.helo else None,
+    )
+
+
+# ----------------------------------------------------------------------------- inputs --
+def _read_file(path: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+    return load
+
+
+def _read_stdin() -> bytes:
+    return sys.stdin.buffer.read()
+
+
+def _walk(directory: str, errors: list[str]) -> list[Source]:
+    """Every file under ``directory``, sorted by path components (so ``a/z`` before ``b``)."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    errors_before = len(errors)
+
+    def onerror(exc: OSError) -> None:
+        errors.append(f"{exc.filename}: cannot list: {exc.strerror or exc}")
+
+    for root, dirs, files in os.walk(directory, onerror=onerror):
+        dirs.sort()
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path):  # skips sockets, FIFOs and dangling links
+                found.append((Path(os.path.relpath(path, directory)).parts, path))
+    found.sort()
+    if not found and len(errors) == errors_before:
+        errors.append(f"{directory}: no files in this directory")
+    return [Source(path, path, None, _read_file(path)) for _, path in found]
+
+
+def _mbox_sources(path: str, errors: list[str]) -> list[Source]:
+    """The messages of an mbox file, each with its ``From `` line (which the evaluation
+    strips, as the daemon strips Exim's)."""
+    if os.path.isdir(path):
+        errors.append(f"{path}: is a directory, not an mbox file")
+        return []
+    try:
+        box = mailbox.mbox(path, create=False)
+        keys = box.keys()  # indexes the file: finds every "From " line
+    except mailbox.NoSuchMailboxError:
+        errors.append(f"{path}: no such file")
+        return []
+    except OSError as exc:
+        errors.append(f"{path}: cannot read: {exc.strerror or exc}")
+        return []
+    if not keys:
+        errors.append(f"{path}: no messages in this mbox file")
+        return []
+    lock = threading.Lock()  # one file object, read from worker threads
+
+    def loader(key: int) -> Callable[[], bytes]:
+        def load() -> bytes:
+            with lock:
+                return box.get_bytes(key, from_=True)
+        return load
+
+    return [Source(f"{path} (message {i})", path, i, loader(key))
+            for i, key in enumerate(keys, 1)]
+
+
+def collect_sources(files: list[str], mboxes: list[str]) -> tuple[list[Source], list[str]]:
+    """Sources in command-line order, and input errors (each one line, no traceback)."""
+    sources: list[Source] = []
+    errors: list[str] = []
+    stdin_used = False
+    for name in files:
+        if name == "-":
+            if stdin_used:
+                raise UsageError("- (standard input) given more than once")
+            stdin_used = True
+            sources.append(Source("-", "-", None, _read_stdin))
+        elif os.path.isdir(name):
+            sources.extend(_walk(name, errors))
+        elif os.path.exists(name):
+            sources.append(Source(name, name, None, _read_file(name)))
+        else:
+            errors.append(f"{name}: no such file or directory")
+    for name in mboxes:
+        sources.extend(_mbox_sources(name, errors))
+    return sources, errors
+
+
+# ------------------------------------------------------------------------ evaluation --
+def forwarding_map(path: str) -> tuple[ForwardingMap, str | None]:
+    """The map and, when it is empty for lack of a file, a note saying so."""
+    try:
+        return ForwardingMap.load(path), None
+    except FileNotFoundError:
+        why = "does not exist"
+    except OSError as exc:
+        why = f"cannot be read ({exc.strerror or exc})"
+    return ForwardingMap(), (f"forwarding map {path} {why}: no recipient counts as forwarding "
+                             "externally (a daemon starting now would use an empty map too)")
+
+
+def _prepare(raw: bytes, overrides: Overrides, exim_mbox: bool) -> tuple[EnvelopeGuess, bytes]:
+    guess = guess_envelope(raw, sender=overrides.sender, recipients=overrides.recipients,
+                           user=overrides.user, ip=overrides.ip, helo=overrides.helo)
+    body = as_exim_sends(raw, guess.envelope) if exim_mbox else raw
+    return guess, body
+
+
+def _scanned_size(body: bytes) -> int:
+    """``len(strip_mbox_from_line(body))`` without copying the body."""
+    if not body.startswith(b"From "):
+        return len(body)
+    newline = body.find(b"\n")
+    return 0 if newline < 0 else len(body) - newline - 1
+
+
+class ChainExplainer:
+    """Alias chains from the ``[forwarding]`` sources, as ``exim-policy forwardings explain``
+    shows them. The sources are read once, in a thread, on first use (only a message with
+    forwarding recipients needs them); with no sources, or sources that cannot be read,
+    :meth:`explain` returns None and :attr:`note` says why once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config.forwarding
+        self.note: str | None = None
+        self._graph = None
+        self._loaded = False
+        self._lock = asyncio.Lock()
+
+    def _load(self):
+        from ..forwarding import build
+
+        try:
+            return build.load_graph(self.config, detail=True)
+        except (build.ForwardingError, OSError) as exc:
+            self.note = (f"forwarding chains unavailable ({exc}); "
+                         "see exim-policy forwardings explain ADDR")
+            return None
+
+    async def explain(self, addresses: tuple[str, ...]) -> tuple[Explanation, ...] | None:
+        if not addresses or not self.config.sources:
+            return None
+        async with self._lock:
+            if not self._loaded:
+                self._graph = await asyncio.to_thread(self._load)
+                self._loaded = True
+        if self._graph is None:
+            return None
+        return tuple(self._graph.explain(a) for a in addresses)
+
+
+class Runner:
+    def __init__(self, config: Config, service: PolicyService, overrides: Overrides,
+                 *, exim_mbox: bool, quarantine: str) -> None:
+        self.config = config
+        self.service = service
+        self.overrides = overrides
+        self.exim_mbox = exim_mbox
+        self.quarantine = quarantine
+        self.chains = ChainExplainer(config)
+
+    async def one(self, source: Source) -> Tested | InputFailed:
+        try:
+            raw = await asyncio.to_thread(source.load)
+        except OSError as exc:
+            return InputFailed(source, f"cannot read: {exc.strerror or exc}")
+        # header parsing and the CRLF->LF copy cost milliseconds on a 20 MB message
+        guess, body = await asyncio.to_thread(_prepare, raw, self.overrides, self.exim_mbox)
+        evaluation = await self.service.evaluate(guess.envelope, body)
+        size, scanned_size = len(raw), _scanned_size(body)
+        del raw, body  # a large message need not stay in memory while the chains load
+        decision = evaluation.decision
+        chains = await self.chains.explain(decision.forwarding) if decision.failure is None \
+            else None
+        return Tested(source, size, scanned_size, guess, evaluation,
+                      exim_outcome(decision, quarantine=self.quarantine), chains)
+
+    async def results(self, sources: list[Source]) -> AsyncIterator[Tested | InputFailed]:
+        """Results in input order, at most :data:`WINDOW` in flight. Closing the iterator
+        early (scanner failure) cancels whatever is still running."""
+        queue = iter(sources)
+        pending: collections.deque[asyncio.Task] = collections.deque()
+        try:
+            for source in queue:
+                pending.append(asyncio.ensure_future(self.one(source)))
+                if len(pending) >= WINDOW:
+                    break
+            while pending:
+                result = await pending.popleft()
+                following = next(queue, None)
+                if following is not None:
+                    pending.append(asyncio.ensure_future(self.one(following)))
+                yield result
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def main(args: argparse.Namespace, *, quarantine: str) -> int:
+    """Run the command; returns the exit status (see the command's docstring)."""
+    from . import _test_output
+
+    overrides = overrides_from(args)
+    if not args.files and not args.mbox:
+        raise UsageError("no message given (FILE, directory, --mbox FILE, or - for "
+                         "standard input)")
+    config = load(args.config)
+    sources, errors = collect_sources(args.files, args.mbox)
+    fmap, map_note = forwarding_map(config.forwarding.map)
+    service = PolicyService(config, RspamdScanner(config.rspamd.url, config.rspamd.timeout),
+                            fmap.forwards)
+    runner = Runner(config, service, overrides, exim_mbox=args.exim_mbox,
+                    quarantine=quarantine)
+    out = _test_output.make_output(args, total=len(sources))
+    if map_note:
+        out.note(map_note)
+    for error in errors:
+        out.error(error)
+    status = asyncio.run(_drive(runner, sources, out))
+    out.finish()
+    return 2 if errors else status
+
+
+async def _drive(runner: Runner, sources: list[Source], out) -> int:
+    """Feed results to ``out`` in order; the exit status (a scanner failure stops at once)."""
+    status = 0
+    results = runner.results(sources)
+    try:
+        async for result in results:
+            if isinstance(result, InputFailed):
+                out.input_failed(result)
+                status = 2
+                continue
+            failure = result.decision.failure
+            if failure is not None:
+                # no verdict is no policy outcome: stop, say why, exit 2
+                hint = (" (Exim does not scan messages of 50M or more)"
+                        if result.size >= EXIM_MAX_SCAN_SIZE else "")
+                out.error(f"{result.source.label}: Rspamd gave no verdict: {failure.reason}"
+                          f" (rspamd.url = {runner.config.rspamd.url}){hint}")
+                return 2
+            if runner.chains.note is not None:
+                out.note(runner.chains.note)
+                runner.chains.note = None  # once
+            out.result(result)
+            if status == 0 and not result.outcome.accepted_as_is:
+                status = 1
+    finally:
+        await results.aclose()
+    return status

@@ -1,0 +1,158 @@
+"""Orchestration: configured sources -> graph -> map file(s).  Used by the CLI and the daemon.
+
+``build_map(config)`` reads every source, computes the forwarding set and rewrites the map
+(and the optional lsearch output) only when its entries changed.  Any error in any source
+raises :class:`ForwardingError` *before* anything is written, so the old map stays as it was.
+All functions here block (file and SQLite I/O, and a few seconds of CPU for a million
+aliases): call them from a thread, not from the event loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..config import ForwardingConfig
+from . import writer
+from .graph import Explanation, ForwardingGraph, GraphBuilder
+from .sources import ForwardingError, ForwardingSourceError, is_domain, open_source, read_text
+
+__all__ = ["BuildResult", "CheckResult", "ForwardingError", "build_map", "check_map",
+           "explain", "load_graph", "local_domains"]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    map_path: str
+    lsearch_path: str  # "" when no lsearch output is configured
+    entries: int
+    aliases: int
+    edges: int
+    sources: int
+    #: the files that were (re)written; empty when everything was current
+    written: tuple[str, ...]
+    #: the first warnings (see ``warning_count`` for how many there were)
+    warnings: tuple[str, ...]
+    warning_count: int
+    seconds: float
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    current: bool
+    #: one line per stale or missing output file, e.g. ``/path: 2 added, 1 removed``
+    stale: tuple[str, ...]
+    entries: int
+    warnings: tuple[str, ...]
+    warning_count: int
+
+
+def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
+    """``local_domains`` plus the domains in ``local_domains_file``.
+
+    The file is read like an Exim domain-list file: one domain per line, ``#`` comment
+    lines and blank lines ignored; a trailing ``: data`` (an lsearch-style file) is allowed.
+    Patterns (``*.example``, ``^regex``, ``@``, ``!negated``, ``lookup;...``) cannot be
+    enumerated and are skipped with a warning.
+    """
+    domains = set()
+    for i, domain in enumerate(config.local_domains):
+        domain = domain.strip().lower()
+        if not is_domain(domain):
+            raise ForwardingError(f"forwarding.local_domains[{i}]: {domain!r} is not a domain")
+        domains.add(domain)
+    path = config.local_domains_file
+    if path:
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            item = line.split(None, 1)[0].split(":", 1)[0].lower()
+            if not item:
+                continue
+            if item[0] in "*^@!" or ";" in line:
+                if warn:
+                    warn(f"{path}:{lineno}: {item!r} is a pattern, not a domain: ignored")
+                continue
+            if not is_domain(item):
+                raise ForwardingSourceError(f"{path}:{lineno}", f"{item!r} is not a domain")
+            domains.add(item)
+    if not domains:
+        raise ForwardingError("forwarding.local_domains (or local_domains_file) is empty: "
+                              "without local domains every address is external")
+    return frozenset(domains)
+
+
+def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
+    """Read all sources and build the graph (``detail=True`` for explain)."""
+    builder = GraphBuilder((), case_sensitive=config.case_sensitive_local_parts, detail=detail)
+    builder.local_domains = local_domains(config, builder.warn)
+    if not config.sources:
+        builder.warn("forwarding.sources is empty: the map will be empty")
+    for i, source in enumerate(config.sources):
+        if source.domain and source.domain.lower() not in builder.local_domains:
+            raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is not a "
+                                  "local domain")
+        builder.add_batch(open_source(source, case_sensitive=config.case_sensitive_local_parts,
+                                      warn=builder.warn))
+    return builder.build()
+
+
+def _outputs(config: ForwardingConfig, entries: list[str]) -> list[tuple[str, str]]:
+    """(path, body) for each configured output file."""
+    outputs = [(config.map, writer.map_body(entries))]
+    if config.lsearch_output:
+        outputs.append((config.lsearch_output, writer.lsearch_body(entries)))
+    return outputs
+
+
+def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> BuildResult:
+    """Build and write the map(s); files whose entries are unchanged are left alone."""
+    started = time.monotonic()
+    graph = load_graph(config)
+    entries = graph.entries()
+    outputs = _outputs(config, entries)
+    written = []
+    for path, body in outputs:
+        try:
+            if writer.is_current(path, body):
+                continue
+            writer.atomic_write(path, writer.render(body, len(entries), now))
+        except OSError as exc:
+            raise ForwardingError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        written.append(path)
+    return BuildResult(
+        map_path=config.map, lsearch_path=config.lsearch_output, entries=len(entries),
+        aliases=graph.aliases, edges=graph.edges, sources=graph.sources,
+        written=tuple(written), warnings=tuple(graph.warnings),
+        warning_count=graph.warning_count, seconds=time.monotonic() - started)
+
+
+def check_map(config: ForwardingConfig) -> CheckResult:
+    """Compare what a build would write with the files on disk; writes nothing."""
+    graph = load_graph(config)
+    entries = graph.entries()
+    stale = []
+    for (path, body), lsearch in zip(_outputs(config, entries), (False, True)):
+        try:
+            if writer.is_current(path, body):
+                continue
+            on_disk = writer.read_entries(path, lsearch=lsearch)
+        except OSError as exc:
+            raise ForwardingError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if on_disk is None:
+            stale.append(f"{path}: missing")
+            continue
+        old, new = set(on_disk), set(entries)
+        stale.append(f"{path}: stale, {len(new - old)} to add, {len(old - new)} to remove")
+    return CheckResult(current=not stale, stale=tuple(stale), entries=len(entries),
+                       warnings=tuple(graph.warnings), warning_count=graph.warning_count)
+
+
+def explain(config: ForwardingConfig, address: str) -> Explanation:
+    """Why ``address`` forwards (the chains) or why not."""
+    return load_graph(config, detail=True).explain(address)
