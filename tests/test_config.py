@@ -131,3 +131,28 @@ def test_example_config_is_valid_and_complete():
                 yield key
 
     assert list(missing(Config, data, "")) == []
+
+
+def test_every_command_module_is_named_after_its_subcommand():
+    """cli.main imports only the module of the subcommand given (fast ${run} calls)."""
+    import importlib
+
+    from exim_policy.cli import command_name
+    from exim_policy.commands import MODULES
+
+    for name in MODULES:
+        module = importlib.import_module(f"exim_policy.commands.{name}")
+        assert module.NAME == command_name(name)
+
+
+def test_query_command_does_not_import_the_other_commands():
+    import subprocess
+    import sys
+
+    code = ("import sys; from exim_policy import cli\n"
+            "try:\n    cli.main(['query', 'forwarding', 'a@b', '--config', '/nonexistent'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('exim_policy.commands.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert out.strip() == "['exim_policy.commands.query']"
