@@ -2,13 +2,14 @@
 
 Made for ``${readsocket}`` (Exim sends the request, half-closes by default, reads to EOF)::
 
-    ${readsocket{inet:127.0.0.1:11336}{forwarding $local_part@$domain\\n}{2s}{}{error}}
+    ${readsocket{inet:127.0.0.1:11336}{forwarding $local_part@$domain\\n}{3s}{}{error}}
 
-Requests (case-insensitive verb, one per connection):
+Requests (case-insensitive verb, one per connection; the line ends at a newline or EOF):
     ``forwarding ADDR``  -> ``yes`` / ``no``: ADDR forwards to an external mailbox
     ``ping``             -> ``pong``
-Anything else gets ``error <why>``. Every answer ends with one newline (the fourth
-readsocket argument ``{}`` strips it).
+Anything else gets ``error <why>``. Answers carry no trailing newline: Exim 4.96's
+``${readsocket}`` returns the bytes as they are (an empty fourth argument does not strip
+a newline), so ``${if eq{${readsocket{...}}}{yes}}`` works as written.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ def answer(line: bytes, forwards: Callable[[str], bool]) -> bytes:
     verb, arg = verb.lower(), arg.strip()
     if verb == "forwarding":
         if not arg or " " in arg or "@" not in arg:
-            return b"error usage: forwarding LOCALPART@DOMAIN\n"
-        return b"yes\n" if forwards(arg) else b"no\n"
+            return b"error usage: forwarding LOCALPART@DOMAIN"
+        return b"yes" if forwards(arg) else b"no"
     if verb == "ping" and not arg:
-        return b"pong\n"
-    return b"error unknown request\n"
+        return b"pong"
+    return b"error unknown request"
 
 
 class QueryServer:
@@ -99,7 +100,7 @@ class _QueryConnection(asyncio.Protocol):
         self.timer.cancel()
         self.timer = None
         if line is None:
-            self.transport.write(b"error request too long\n")
+            self.transport.write(b"error request too long")
         else:
             self.transport.write(answer(line, self.server.forwards))
         self.transport.close()

@@ -16,18 +16,18 @@ FMAP = ForwardingMap.parse("fwd@example.com\n@old.example\n")
 
 
 @pytest.mark.parametrize("line, reply", [
-    (b"forwarding fwd@example.com", b"yes\n"),
-    (b"forwarding FWD@Example.com\r", b"yes\n"),
-    (b"FORWARDING <fwd@example.com>", b"yes\n"),
-    (b"forwarding anyone@old.example", b"yes\n"),
-    (b"forwarding bob@example.com", b"no\n"),
-    (b"forwarding", b"error usage: forwarding LOCALPART@DOMAIN\n"),
-    (b"forwarding a b@c", b"error usage: forwarding LOCALPART@DOMAIN\n"),
-    (b"forwarding nodomain", b"error usage: forwarding LOCALPART@DOMAIN\n"),
-    (b"ping", b"pong\n"),
-    (b"locked alice", b"error unknown request\n"),
-    (b"\xff\xfe garbage", b"error unknown request\n"),
-    (b"", b"error unknown request\n"),
+    (b"forwarding fwd@example.com", b"yes"),
+    (b"forwarding FWD@Example.com\r", b"yes"),
+    (b"FORWARDING <fwd@example.com>", b"yes"),
+    (b"forwarding anyone@old.example", b"yes"),
+    (b"forwarding bob@example.com", b"no"),
+    (b"forwarding", b"error usage: forwarding LOCALPART@DOMAIN"),
+    (b"forwarding a b@c", b"error usage: forwarding LOCALPART@DOMAIN"),
+    (b"forwarding nodomain", b"error usage: forwarding LOCALPART@DOMAIN"),
+    (b"ping", b"pong"),
+    (b"locked alice", b"error unknown request"),
+    (b"\xff\xfe garbage", b"error unknown request"),
+    (b"", b"error unknown request"),
 ])
 def test_answer(line, reply):
     assert answer(line, FMAP.forwards) == reply
@@ -65,9 +65,9 @@ def test_query_server_serves_and_survives_bad_requests():
         return replies, many
 
     replies, many = asyncio.run(main())
-    assert replies == [b"yes\n", b"error unknown request\n", b"error request too long\n",
-                       b"no\n", b"yes\n"]
-    assert set(many) == {b"yes\n"}
+    assert replies == [b"yes", b"error unknown request", b"error request too long",
+                       b"no", b"yes"]
+    assert set(many) == {b"yes"}
 
 
 def test_query_command_reads_the_map_file(tmp_path, capsys):

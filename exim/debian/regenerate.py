@@ -19,6 +19,7 @@ EXIM_DIR = DEBIAN_DIR.parent
 SNIPPETS = {
     "conf.d/main/04_exim-policy_options": "main.conf",
     "conf.d/acl/exim-policy_check_data.conf": "acl_data.conf",
+    "conf.d/acl/exim-policy_check_rcpt.conf": "acl_rcpt.conf",
     "conf.d/router/050_exim-policy_quarantine": "routers.conf",
 }
 _MARKER = re.compile(r"^# ---- exim/(\S+) ----\n", re.MULTILINE)

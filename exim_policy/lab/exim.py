@@ -20,10 +20,10 @@ for any other domain goes to the SMTP sink on ``127.0.0.1:sink_port``.  Exim lis
 client (e.g. one in EXIM_POLICY_RELAY_HOSTS).  Nothing uses DNS (``SITE_OFFLINE``).
 
 EXIM_POLICY_QUERY (acl_rcpt.conf's ``${readsocket}`` spec) is ``query_address`` when
-given (``ShimLab.query_address``).  Without it the lab points it at a Unix socket path in
-its own directory that never exists: the helper is then "down", acl_rcpt.conf logs that
-and splits nothing, so such a lab behaves as a site without acl_rcpt.conf -- never at
-main.conf's default port, where some other process may listen.
+given (``ShimLab.query_address``).  Without it the lab uses ``NO_QUERY_HELPER``, port 0 on
+loopback, which always refuses a connection: the helper is then "down", acl_rcpt.conf logs
+that once per SMTP connection and splits nothing, so such a lab behaves as a site without
+acl_rcpt.conf -- never main.conf's default port, where some other process may listen.
 
 ``start()`` checks the configuration (``-bV``), runs ``exim -C lab.conf -bdf`` as root in
 its own session (the daemon drops to Debian-exim itself) and waits for the 220 banner,
@@ -63,6 +63,8 @@ DEFAULT_AUTH_USERS: Mapping[str, str] = {"tester": "testpass"}
 #: the files of exim/ the lab copies; exim.conf includes the other four
 CONFIG_FILES = ("exim.conf", "main.conf", "acl_rcpt.conf", "acl_data.conf", "routers.conf")
 LOOPBACK6 = "::1"
+#: EXIM_POLICY_QUERY when no helper is given: nothing can listen on port 0
+NO_QUERY_HELPER = f"inet:{LOOPBACK}:0"
 _LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")
 _MACRO_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -152,7 +154,7 @@ class EximLab:
         can use the same SITE_* macros (test of Rspamd's own example ACL).
         ``ipv6``: also listen on ::1 (default: if the machine has IPv6 loopback).
         ``query_address``: EXIM_POLICY_QUERY, the shim's policy helper as a readsocket
-        spec (``"inet:127.0.0.1:PORT"``); default: a socket path that never exists."""
+        spec (``"inet:127.0.0.1:PORT"`` or a Unix socket path); default: ``NO_QUERY_HELPER``."""
         self.root = Path(workdir) / "exim"
         self.conf_dir = self.root / "conf"
         self.config_path = self.conf_dir / "lab.conf"
@@ -173,7 +175,7 @@ class EximLab:
         self.template = template
         self.ipv6 = ipv6_loopback_available() if ipv6 is None else ipv6
         self.exim_dir = Path(exim_dir) if exim_dir is not None else None
-        self.query_address = query_address or str(self.root / "no-query-helper.sock")
+        self.query_address = query_address or NO_QUERY_HELPER
         self.port = 0
         self.process: ManagedProcess | None = None
         for name in (*self.local_users, *self.aliases):
