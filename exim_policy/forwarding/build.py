@@ -8,7 +8,10 @@ aliases): call them from a thread, not from the event loop.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -87,8 +90,31 @@ def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
     return frozenset(domains)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (and back on after it, if it was).
+
+    A build creates millions of strings, ints and lists and frees none of them until it is
+    done; none of them form cycles.  With the collector on, every few thousand allocations
+    it rescans the ever-growing heap (measured: 0.6 s of a 7 s build of a million aliases,
+    most of it in the parse; the graph stage already pauses it itself).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
     """Read all sources and build the graph (``detail=True`` for explain)."""
+    with _gc_paused():
+        return _load_graph(config, detail)
+
+
+def _load_graph(config: ForwardingConfig, detail: bool) -> ForwardingGraph:
     builder = GraphBuilder((), case_sensitive=config.case_sensitive_local_parts, detail=detail)
     builder.local_domains = local_domains(config, builder.warn)
     if not config.sources:

@@ -1,0 +1,138 @@
+"""The two-process lsearch parse (sources._parse_two) gives exactly the one-process result.
+
+Every test compares ``processes=2`` with ``processes=1`` column by column (keys, lines,
+owners, targets, wildcards) plus the warnings, and checks that the second process really
+ran (``_parse_two`` returns None when it fell back).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from exim_policy.forwarding import sources
+from exim_policy.forwarding.sources import ForwardingSourceError, parse_lsearch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generated(tmp_path: Path, aliases: int = 4000, seed: int = 3) -> Path:
+    spec = importlib.util.spec_from_file_location("forwarding_gen",
+                                                  ROOT / "bench" / "forwarding_gen.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    path = tmp_path / "virtual"
+    with open(path, "w") as out, open(tmp_path / "domains", "w") as domains:
+        gen.generate(aliases, aliases * 2, seed, out, domains, 12)
+    return path
+
+
+def _columns(path: Path, processes: int) -> tuple:
+    warnings: list[str] = []
+    batch = parse_lsearch(str(path), warn=warnings.append, processes=processes)
+    return (batch.keys, list(batch.lines), list(batch.owners), batch.targets,
+            batch.wildcards, warnings)
+
+
+def _assert_same(path: Path) -> tuple:
+    one = _columns(path, 1)
+    two = _columns(path, 2)
+    for name, a, b in zip(("keys", "lines", "owners", "targets", "wildcards", "warnings"),
+                          one, two):
+        assert a == b, name
+    return one
+
+
+def _ran_in_two(path: Path) -> bool:
+    text = path.read_text()
+    split = sources._split_point(text, 2)
+    assert split > 0
+    return sources._parse_two(str(path), [text], split, "", False, None) is not None
+
+
+def test_generated_set_is_the_same_in_two_processes(tmp_path):
+    path = _generated(tmp_path)
+    keys, lines, owners, targets, wildcards, warnings = _assert_same(path)
+    assert len([k for k in keys if k]) > 3000 and len(targets) > 6000 and wildcards
+    assert _ran_in_two(path)
+
+
+def test_warnings_scanner_entries_and_continuations_on_both_sides_of_the_cut(tmp_path):
+    # one block of odd entries, repeated so that the cut lands between copies of it:
+    # a key Exim never looks up (warning), a quoted key, specials, a continuation that
+    # needs the scanner, a comment that ends a continuation, upper case, a wildcard
+    block = ("nodomain{i}: a@ext.example\n"
+             '"q{i} x"@x.test: b@ext.example\n'
+             "p{i}@x.test: |/bin/prog, \"Name\" <c{i}@ext.example>, :fail: gone {i}\n"
+             "c{i}@x.test: d{i}@x.test,\n"
+             "   \"e{i}\"@ext.example\n"
+             "# comment\n"
+             "   ignored{i}@ext.example\n"
+             "U{i}@X.TEST: F{i}@EXT.example, g{i}\n"
+             "*@w{i}.test: catch{i}@ext.example\n"
+             "d{i}@x.test: \\d{i}@x.test, :blackhole:\n")
+    path = tmp_path / "virtual"
+    path.write_text("".join(block.format(i=i) for i in range(200)))
+    keys, _lines, _owners, targets, wildcards, warnings = _assert_same(path)
+    # fast-path warnings of both halves come before the scanner's (as in one process)
+    assert [("nodomain" in w) for w in warnings] == [True] * 200 + [False] * 200
+    assert "'q199 x'" in warnings[-1]
+    assert len(wildcards) == 200 and ":fail: gone 199" in targets
+    assert _ran_in_two(path)
+
+
+def test_an_error_in_the_second_half_names_the_same_line(tmp_path):
+    path = _generated(tmp_path, 3000)
+    lines = path.read_text().split("\n")
+    lines.insert(len(lines) - 50, "bad@x.test: Name <b@ext.example")
+    path.write_text("\n".join(lines))
+    messages = []
+    for processes in (1, 2):
+        with pytest.raises(ForwardingSourceError) as info:
+            parse_lsearch(str(path), processes=processes)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"{path}:{len(lines) - 50}: bad address")
+
+
+def test_an_error_in_the_first_half_wins(tmp_path):
+    path = _generated(tmp_path, 3000)
+    lines = path.read_text().split("\n")
+    lines.insert(10, "bad@x.test: Name <b@ext.example")
+    lines.insert(len(lines) - 50, "worse@x.test: <c@ext.example")
+    path.write_text("\n".join(lines))
+    with pytest.raises(ForwardingSourceError, match=rf"^{path}:11: bad address"):
+        parse_lsearch(str(path), processes=2)
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_failing_second_process_falls_back_to_one(tmp_path, monkeypatch, how):
+    path = _generated(tmp_path, 3000)
+    expected = _columns(path, 1)
+    real = sources._parse_part
+
+    def broken(path, box, base, *args):
+        if base:  # only the second process parses from a line other than 0
+            if how == "raise":
+                raise RuntimeError("boom")
+            os._exit(3)  # killed: the parent reads EOF
+        return real(path, box, base, *args)
+
+    monkeypatch.setattr(sources, "_parse_part", broken)
+    assert not _ran_in_two(path)
+    monkeypatch.setattr(sources, "_parse_part", real)
+    # the public function parses again in one process and gets the same result
+    monkeypatch.setattr(sources, "_parse_two", lambda *a: None)
+    assert _columns(path, 2) == expected
+
+
+def test_split_point_starts_an_entry_line():
+    text = "a@x.test: b@x.test,\n" + "  c@x.test,\n" * 10 + "# note\n\n d@x.test\n" \
+        + "e@x.test: f@ext.example\n"
+    split = sources._split_point(text, 2)
+    assert text[split:].startswith("e@x.test:") and text[split - 1] == "\n"
+    assert sources._split_point("a@x.test: b@x.test\n" + "  c@x.test\n" * 5, 2) == 0
+    assert sources._split_point(text, 1) == 0
+    assert sources._split_point(text, None) == 0  # far below PARALLEL_MIN_LINES
