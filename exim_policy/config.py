@@ -233,6 +233,9 @@ class ForwardingConfig:
     #: inbound Rspamd actions that become reject when a recipient forwards externally
     spam_actions: tuple[str, ...] = field(
         default=("add header", "rewrite subject"), metadata=_parse(_actions))
+    #: the public 550 text for such spam; "" makes it the full reason (which names the
+    #: forwarding recipients and Rspamd's score: handy for admins, visible to the sender)
+    reject_message: str = ""
     #: how often the map file is checked for changes (seconds)
     reload_interval: float = field(default=2.0, metadata=_parse(_positive))
     local_domains: tuple[str, ...] = ()

@@ -6,7 +6,7 @@ values the bundled Exim configuration compares ("no action", "add header", ...).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NO_ACTION = "no action"
 GREYLIST = "greylist"
@@ -149,8 +149,9 @@ class Decision:
     forwarding: tuple[str, ...] = ()
     #: why the message was classified as it was ("authenticated as alice", ...)
     traffic_reason: str = ""
-    #: custom message text to show in the SMTP reply (Message: line); None keeps Rspamd's
-    message: str | None = field(default=None)
+    #: the public text for the SMTP reply (the first Message: line, Exim's 550 text) when it
+    #: should differ from ``reason``, which then follows it; None: the reason is the text
+    message: str | None = None
 
     @property
     def score(self) -> float:

@@ -66,7 +66,8 @@ def decide(envelope: Envelope, scan: ScanResult | ScanFailure, context: Context,
     if traffic is Traffic.FORWARDING and action in config.forwarding.spam_actions:
         return Decision(action=REJECT, scan=scan, symbols=symbols, **common,
                         reason="spam to a recipient that forwards externally ("
-                               + ", ".join(forwarding) + f") is rejected: {summary}")
+                               + ", ".join(forwarding) + f") is rejected: {summary}",
+                        message=config.forwarding.reject_message or None)
     return Decision(action=action, scan=scan, symbols=symbols, **common,
                     reason=_rspamd_reason(scan, summary))
 

@@ -134,3 +134,17 @@ def test_decision_explains_itself():
 def test_decide_is_pure():
     first = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG)
     assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG) == first
+
+
+def test_forwarding_reject_message_is_the_public_text_and_the_reason_follows():
+    from exim_policy.protocol import rspamc
+
+    config = from_dict({"forwarding": {"reject_message": "Spam to a forwarding address"}})
+    d = decide(TO_FWD, scan("add header", 6.9), FWD, config)
+    assert d.message == "Spam to a forwarding address" and "fwd@example.com" in d.reason
+    lines = rspamc.build_reply(d).split(b"\r\n")
+    messages = [line for line in lines if line.startswith(b"Message: ")]
+    assert messages[0] == b"Message: Spam to a forwarding address"
+    assert messages[1].startswith(b"Message: spam to a recipient that forwards externally")
+    # without it, the reason is the public text
+    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG).message is None

@@ -195,6 +195,7 @@ def test_forwarding_reject_lowers_the_threshold_to_the_score():
         b"Action: reject\r\nSymbol: TEST_SPAM_HEADER(7.00)\r\nSymbol: MIME_GOOD(-0.10)\r\n"
         b"Symbol: EXIM_POLICY_FORWARDING(0.00)\r\n"
         b"Message: Spam to a forwarding address is rejected\r\n"
+        b"Message: spam (add header) to a recipient that forwards externally\r\n"
         b"Message-ID: legacy-1@example.org\r\n")
 
 

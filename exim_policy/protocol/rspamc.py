@@ -112,7 +112,9 @@ def build_reply(decision: Decision) -> bytes:
     first_line = _line("Message", first)
     extra_lines: list[bytes] = []
     emitted = {first_line}
-    for _key, text in (scan.messages if scan is not None else ()):
+    # with a public message first, the reason follows it (for $spam_report and the log)
+    reasons = [decision.reason] if decision.message is not None else []
+    for text in reasons + [text for _key, text in (scan.messages if scan is not None else ())]:
         line = _line("Message", text)
         if line not in emitted:
             emitted.add(line)
