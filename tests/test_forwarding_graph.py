@@ -1,8 +1,9 @@
 """The forwarding graph: which local addresses reach an external mailbox, and explain().
 
 Scenarios are lsearch texts (parsed by the real parser) -> the expected map entries.  Every
-scenario is built twice, as a map build (``detail=False``) and as explain builds it
-(``detail=True``); both must give the same entries.  Generated alias sets are compared with
+scenario is built three times: as ``build_map`` does it (``detail=False``, the parser given
+the local domains so that it drops external targets), as a map build from full batches, and
+as explain builds it (``detail=True``); all must give the same entries.  Generated alias sets are compared with
 a deliberately naive reference (per-address search, no interning, no bulk tricks).
 """
 from __future__ import annotations
@@ -20,20 +21,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ("x.test", "y.test")
 
 
-def build(tmp_path: Path, *texts: str, local=LOCAL, detail=False, **options):
-    """Graph of lsearch sources ``texts`` (written to files virtual0, virtual1, ...)."""
+def build(tmp_path: Path, *texts: str, local=LOCAL, detail=False, preclassify=False,
+          **options):
+    """Graph of lsearch sources ``texts`` (written to files virtual0, virtual1, ...);
+    ``preclassify``: the parser drops external targets (as build_map's parse does)."""
     builder = GraphBuilder(local, detail=detail, case_sensitive=options.get("case_sensitive", False))
     for i, text in enumerate(texts):
         path = tmp_path / f"virtual{i}"
         path.write_text(text)
+        if preclassify:
+            options["local_domains"] = builder.local_domains
         builder.add_batch(parse_lsearch(str(path), warn=builder.warn, **options))
     return builder.build()
 
 
 def entries_both_ways(tmp_path, *texts, **options) -> tuple[list[str], list[str]]:
-    fast = build(tmp_path, *texts, **options)
+    fast = build(tmp_path, *texts, preclassify=True, **options)
+    full = build(tmp_path, *texts, **options)
     detail = build(tmp_path, *texts, detail=True, **options)
-    assert fast.entries() == detail.entries()
+    assert fast.entries() == full.entries() == detail.entries()
+    assert fast.warnings == full.warnings
     return fast.entries(), fast.warnings
 
 
@@ -284,9 +291,10 @@ def test_generated_sets_match_the_reference(tmp_path, seed, aliases, edges, doma
     local = frozenset((tmp_path / "domains").read_text().split())
     expected = reference(local, [(parse_lsearch(str(path)).entries(), True)])
     assert any(e.startswith("@") for e in expected)  # the sets do exercise wildcards
-    for detail in (False, True):
+    for detail, preclassify in ((False, True), (False, False), (True, False)):
         builder = GraphBuilder(local, detail=detail)
-        builder.add_batch(parse_lsearch(str(path)))
+        builder.add_batch(parse_lsearch(str(path),
+                                        local_domains=local if preclassify else None))
         graph = builder.build()
         assert graph.entries() == expected
         for address in expected[:200]:
@@ -309,3 +317,35 @@ def test_generated_sets_match_the_reference(tmp_path, seed, aliases, edges, doma
                        for chain in result.chains)
         elif f"@{domain}" not in wanted:
             assert result.reason
+
+
+def test_preclassified_batches_drop_only_external_fast_path_targets(tmp_path):
+    text = ("a@x.test: b@x.test, e1@ext.example, M@Y.TEST\n"
+            "b@x.test: E2@EXT.example,\n  c@x.test\n"
+            "c@x.test: |/bin/prog, e3@ext.example\n"  # a scanner entry: kept whole
+            "*@y.test: e4@ext.example\n")
+    path = tmp_path / "virtual"
+    path.write_text(text)
+    full = parse_lsearch(str(path))
+    pre = parse_lsearch(str(path), local_domains=frozenset(LOCAL))
+    assert not full.external_owners and full.local_domains is None and not full.keys_local
+    assert sorted(pre.external_owners) == [0, 1]  # e1 of a@, e2 of b@ (entries 0 and 1)
+    assert sorted(pre.targets) == ["b@x.test", "c@x.test", "e3@ext.example", "m@y.test",
+                                   "|/bin/prog"]
+    assert pre.keys_local and pre.keys == full.keys and pre.wildcards == full.wildcards
+    # a key outside the local domains: the graph must still check (and warn) itself
+    path.write_text(text + "k@other.test: e5@ext.example\n")
+    assert not parse_lsearch(str(path), local_domains=frozenset(LOCAL)).keys_local
+    graph = build(tmp_path, text + "k@other.test: e5@ext.example\n", preclassify=True)
+    assert any("other.test is not a local domain" in w for w in graph.warnings)
+    # m@y.test is a key nowhere, but the *@y.test wildcard forwards it
+    assert graph.entries() == ["@y.test", "a@x.test", "b@x.test", "c@x.test", "m@y.test"]
+
+
+def test_a_detail_graph_refuses_a_preclassified_batch(tmp_path):
+    path = tmp_path / "virtual"
+    path.write_text("a@x.test: e@ext.example\n")
+    builder = GraphBuilder(LOCAL, detail=True)
+    builder.add_batch(parse_lsearch(str(path), local_domains=frozenset(LOCAL)))
+    with pytest.raises(ValueError, match="detail"):
+        builder.build()

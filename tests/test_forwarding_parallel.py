@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,20 +30,21 @@ def _generated(tmp_path: Path, aliases: int = 4000, seed: int = 3) -> Path:
     return path
 
 
-def _columns(path: Path, processes: int) -> tuple:
+def _columns(path: Path, processes: int, local_domains=None) -> tuple:
     warnings: list[str] = []
-    batch = parse_lsearch(str(path), warn=warnings.append, processes=processes)
+    batch = parse_lsearch(str(path), warn=warnings.append, processes=processes,
+                          local_domains=local_domains)
     return (batch.keys, list(batch.lines), list(batch.owners), batch.targets,
-            batch.wildcards, warnings)
+            batch.wildcards, warnings, list(batch.external_owners), batch.keys_local)
 
 
-def _assert_same(path: Path) -> tuple:
-    one = _columns(path, 1)
-    two = _columns(path, 2)
-    for name, a, b in zip(("keys", "lines", "owners", "targets", "wildcards", "warnings"),
-                          one, two):
+def _assert_same(path: Path, local_domains=None) -> tuple:
+    one = _columns(path, 1, local_domains)
+    two = _columns(path, 2, local_domains)
+    for name, a, b in zip(("keys", "lines", "owners", "targets", "wildcards", "warnings",
+                           "external_owners", "keys_local"), one, two):
         assert a == b, name
-    return one
+    return one[:6]
 
 
 def _ran_in_two(path: Path) -> bool:
@@ -57,6 +59,22 @@ def test_generated_set_is_the_same_in_two_processes(tmp_path):
     keys, lines, owners, targets, wildcards, warnings = _assert_same(path)
     assert len([k for k in keys if k]) > 3000 and len(targets) > 6000 and wildcards
     assert _ran_in_two(path)
+
+
+def test_preclassified_parse_is_the_same_in_two_processes(tmp_path):
+    # as build_map parses: external targets dropped, only their owners kept
+    path = _generated(tmp_path)
+    local = frozenset((tmp_path / "domains").read_text().split())
+    one = _columns(path, 1, local)
+    assert one[-1] is True and len(one[-2]) > 1000  # keys all local; many externals
+    _assert_same(path, local)
+    # the same (owner, target) pairs as the full parse, minus external ones only (those of
+    # scanner entries stay: only the fast path drops them), whose owners are kept
+    full = _columns(path, 1)
+    dropped = Counter(zip(full[2], full[3])) - Counter(zip(one[2], one[3]))
+    assert not Counter(zip(one[2], one[3])) - Counter(zip(full[2], full[3]))
+    assert all(t.rpartition("@")[2] not in local and t[0] not in ":|/\\" for _o, t in dropped)
+    assert Counter(o for o, _t in dropped.elements()) == Counter(one[-2])
 
 
 def test_warnings_scanner_entries_and_continuations_on_both_sides_of_the_cut(tmp_path):
@@ -75,6 +93,7 @@ def test_warnings_scanner_entries_and_continuations_on_both_sides_of_the_cut(tmp
              "d{i}@x.test: \\d{i}@x.test, :blackhole:\n")
     path = tmp_path / "virtual"
     path.write_text("".join(block.format(i=i) for i in range(200)))
+    _assert_same(path, frozenset(["x.test"]))
     keys, _lines, _owners, targets, wildcards, warnings = _assert_same(path)
     # fast-path warnings of both halves come before the scanner's (as in one process)
     assert [("nodomain" in w) for w in warnings] == [True] * 200 + [False] * 200

@@ -123,8 +123,11 @@ def _load_graph(config: ForwardingConfig, detail: bool) -> ForwardingGraph:
         if source.domain and source.domain.lower() not in builder.local_domains:
             raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is not a "
                                   "local domain")
+        # map builds let the parser drop external targets (keeping only their owners);
+        # explain shows them, so it gets them all
         builder.add_batch(open_source(source, case_sensitive=config.case_sensitive_local_parts,
-                                      warn=builder.warn))
+                                      warn=builder.warn,
+                                      local_domains=None if detail else builder.local_domains))
     return builder.build()
 
 

@@ -205,7 +205,9 @@ class _Build:
                         self.warn(f"{batch.origin(batch.lines[i])}: duplicate key {key!r}"
                                   " ignored (the first one wins)")
                         dead.append(base + i)
-            domains = map(itemgetter(2), map(str.rpartition, ids, itertools.repeat("@")))
+            # (the parser may have checked the domains already, see sources.parse_lsearch)
+            domains = () if batch.keys_local and batch.local_domains == self.local else map(
+                itemgetter(2), map(str.rpartition, ids, itertools.repeat("@")))
             if not all(map(self.local.__contains__, domains)):
                 for key, node in list(ids.items()):
                     domain = key[key.rfind("@") + 1:]
@@ -314,6 +316,14 @@ class _Build:
         batch.targets, batch.owners = [], []
         ids = self.ids
         identity = isinstance(enode, range) and enode.start == 0  # entry i is node i
+        external = batch.external_owners  # targets the parser already found external
+        batch.external_owners = array("i")
+        if external:
+            if self.detail:
+                raise ValueError(f"{batch.name}: a batch without its external targets "
+                                 "(parsed with local_domains) cannot give a detail graph")
+            self.seeds.extend(external if identity else map(enode.__getitem__, external))
+        del external
         src = owners if identity else list(map(enode.__getitem__, owners))
         tid = list(map(ids.get, targets))
         missing = list(itertools.compress(range(len(tid)),

@@ -449,6 +449,14 @@ class Batch:
         self.owners = array("i")
         self.targets: list[str] = []
         self.wildcards: list[Entry] = []
+        #: map builds only (``parse_lsearch(..., local_domains=...)``): the owners of
+        #: targets that were dropped because they are external addresses -- a domain that
+        #: is not local, so never a key -- which is all the graph needs of them (BFS seeds)
+        self.external_owners = array("i")
+        #: the ``local_domains`` the parser was given (None: none) and whether it found
+        #: every exact key in one of them, so that the graph need not check again
+        self.local_domains: frozenset[str] | None = None
+        self.keys_local = False
 
     def add(self, key: str, targets: list, line: int) -> None:
         """Append one entry (key normalised, targets as the module docstring says)."""
@@ -562,7 +570,8 @@ def _item_error(item: str) -> str | None:
 
 
 def parse_lsearch(path: str, *, domain: str = "", case_sensitive: bool = False,
-                  warn=None, fast: bool = True, processes: int | None = None) -> Batch:
+                  warn=None, fast: bool = True, processes: int | None = None,
+                  local_domains: frozenset[str] | None = None) -> Batch:
     """An Exim lsearch alias file as a :class:`Batch`.
 
     ``warn(message)`` receives ``file:line: ...`` texts for keys Exim would never look up
@@ -577,17 +586,24 @@ def parse_lsearch(path: str, *, domain: str = "", case_sensitive: bool = False,
     ``processes``: None parses files of at least ``PARALLEL_MIN_LINES`` lines in two
     processes (see :func:`_parse_two`), 1 always in this one, 2 in two whenever the file
     can be split.  The result is the same either way, warnings included.
+
+    ``local_domains`` (map builds; not for ``explain``, which shows external addresses):
+    fast-path targets outside these domains are not kept as strings, only their owners go
+    to ``Batch.external_owners``.  Classifying them here, right after the split, is cheap
+    (the strings are fresh in the cache) and runs in both parse processes; it saves their
+    transfer from the second process and their lookup and classification in the graph.
     """
     text = read_text(path)
     domain = domain.lower()
     split = _split_point(text, processes) if fast else 0
     if split:
-        batch = _parse_two(path, [text], split, domain, case_sensitive, warn)
+        batch = _parse_two(path, [text], split, domain, case_sensitive, warn, local_domains)
         if batch is not None:
             return batch
         # the second process failed (killed, out of memory...): read again, parse here
         text = read_text(path)
-    return _parse_part(path, [text], 0, 0, domain, case_sensitive, warn, fast)[0]
+    return _parse_part(path, [text], 0, 0, domain, case_sensitive, warn, fast, None,
+                       local_domains)[0]
 
 
 #: files with fewer lines are parsed in one process: a fork, the transfer of the second
@@ -597,7 +613,7 @@ PARALLEL_MIN_LINES = 200_000
 PARALLEL_DEADLINE = 600.0
 #: the second process's part of the file: a bit less than half, because it then still
 #: packs its results while this one only waits for them
-_CHILD_SHARE = 0.45
+_CHILD_SHARE = 0.48
 # a line that starts a new entry: not empty, not a comment, not a continuation
 _ENTRY_START = re.compile(r"\n(?=[^\s#])")
 
@@ -614,7 +630,7 @@ def _split_point(text: str, processes: int | None) -> int:
 
 
 def _parse_two(path: str, box: list[str], split: int, domain: str, case_sensitive: bool,
-               warn) -> Batch | None:
+               warn, local_domains: frozenset[str] | None = None) -> Batch | None:
     """Parse ``box[0][:split]`` here and ``box[0][split:]`` (which starts with an entry
     line, so no state carries over the cut) in a forked second process at the same time,
     then append the second half's entries.  None when the second process failed.
@@ -630,7 +646,8 @@ def _parse_two(path: str, box: list[str], split: int, domain: str, case_sensitiv
     reader, writer = ctx.Pipe(duplex=False)
     args = [text]
     proc = ctx.Process(target=_part_worker, daemon=True,
-                       args=(writer, path, args, split, base, domain, case_sensitive))
+                       args=(writer, path, args, split, base, domain, case_sensitive,
+                             local_domains))
     try:
         proc.start()
     except (OSError, AssertionError):  # no fork possible (or we are a daemonic process)
@@ -645,7 +662,8 @@ def _parse_two(path: str, box: list[str], split: int, domain: str, case_sensitiv
         warnings: list[str] = []  # of the fast path
         scan_warnings: list[str] = []  # of the item scanner (one process: after all others)
         batch, n_fast = _parse_part(path, head, 0, 0, domain, case_sensitive,
-                                    warnings.append, True, scan_warnings.append)
+                                    warnings.append, True, scan_warnings.append,
+                                    local_domains)
         answer = reader.recv() if reader.poll(PARALLEL_DEADLINE) else None
     except EOFError:  # the child died before answering
         answer = None
@@ -666,9 +684,10 @@ def _parse_two(path: str, box: list[str], split: int, domain: str, case_sensitiv
 
 
 def _part_worker(conn, path: str, args: list[str], split: int, base: int, domain: str,
-                 case_sensitive: bool) -> None:
+                 case_sensitive: bool, local_domains: frozenset[str] | None = None) -> None:
     """The second process of :func:`_parse_two`: parse from ``split`` on, send back
-    ``("ok", keys, owners, targets, n_fast, wildcards, warnings, scan_warnings)`` in a
+    ``("ok", keys, owners, targets, n_fast, wildcards, (external_owners, keys_local),
+    warnings, scan_warnings)`` in a
     compact form (keys and targets joined into one string each, owners as an int array),
     or ``("error", origin, message, warnings, scan_warnings)``, or ``("crash", text, [],
     [])`` for anything unexpected."""
@@ -677,14 +696,17 @@ def _part_worker(conn, path: str, args: list[str], split: int, base: int, domain
     try:
         box = [args.pop()[split:]]
         batch, n_fast = _parse_part(path, box, base, split, domain, case_sensitive,
-                                    warnings.append, True, scan_warnings.append)
+                                    warnings.append, True, scan_warnings.append,
+                                    local_domains)
         keys = "\n".join([k or "" for k in batch.keys])  # keys are never empty
         owners = array("i", map(operator.add, batch.owners, itertools.repeat(base)))
+        external = array("i", map(operator.add, batch.external_owners, itertools.repeat(base)))
+        external = (external, batch.keys_local)
         targets = batch.targets
         joined = "\n".join(targets)
         # targets from the item scanner may in theory hold a newline: then send the list
         answer = ("ok", keys, owners, joined if joined.count("\n") == len(targets) - 1
-                  else targets, n_fast, batch.wildcards, warnings, scan_warnings)
+                  else targets, n_fast, batch.wildcards, external, warnings, scan_warnings)
     except ForwardingSourceError as exc:
         answer = ("error", exc.origin, exc.message, warnings, scan_warnings)
     except Exception as exc:  # the parent parses again by itself and meets it there
@@ -694,7 +716,7 @@ def _part_worker(conn, path: str, args: list[str], split: int, base: int, domain
 
 
 def _merge(batch: Batch, n_fast: int, keys: str, owners: array, targets, n_fast_b: int,
-           wildcards: list) -> None:
+           wildcards: list, external: tuple[array, bool]) -> None:
     """Append the second half's entries to the first half's ``batch`` (fast-path targets
     of both halves first, then the scanner's, as one process orders them)."""
     batch.keys.extend([k or None for k in keys.split("\n")])
@@ -711,16 +733,19 @@ def _merge(batch: Batch, n_fast: int, keys: str, owners: array, targets, n_fast_
     batch.owners.extend(owners[n_fast_b:])
     batch.targets.extend(targets[n_fast_b:])
     batch.wildcards.extend(wildcards)
+    batch.external_owners.extend(external[0])
+    batch.keys_local = batch.keys_local and external[1]
 
 
 def _parse_part(path: str, box: list[str], base: int, start: int, domain: str,
-                case_sensitive: bool, warn, fast: bool, scan_warn=None) -> tuple[Batch, int]:
+                case_sensitive: bool, warn, fast: bool, scan_warn=None,
+                local_domains: frozenset[str] | None = None) -> tuple[Batch, int]:
     """Parse the text in the one-item list ``box`` (emptied, so that the text can be
     freed early), which starts at line ``base`` (0-based) and character ``start`` of the
     file.  Entry ``i`` of the batch is line ``base + i``; owners count from 0.  Returns
     the batch and how many of its targets came from the fast path (they come first).
     ``scan_warn`` (default ``warn``) gets the warnings of the scanner stage, which runs
-    after the fast path's."""
+    after the fast path's.  ``local_domains``: see :func:`parse_lsearch`."""
     text = box.pop()
     batch = Batch(path)
     low = text if case_sensitive else text.lower()
@@ -799,11 +824,16 @@ def _parse_part(path: str, box: list[str], base: int, start: int, domain: str,
     if fast_idx:
         datas = list(itertools.compress(datas, regular))
         del regular
-        _fast_entries(batch, path, fast_idx, datas, domain, case_sensitive, lower_each, warn)
+        _fast_entries(batch, path, fast_idx, datas, domain, case_sensitive, lower_each, warn,
+                      local_domains)
     del datas, fast_idx
     n_fast = len(batch.targets)
     if raw:
         _scan_entries(batch, path, raw, base, domain, case_sensitive, scan_warn or warn)
+    if local_domains is not None:  # cheaper here, on fresh strings, and in both processes
+        batch.local_domains = local_domains
+        batch.keys_local = all(map(local_domains.__contains__, map(
+            itemgetter(2), map(str.rpartition, filter(None, batch.keys), itertools.repeat("@")))))
     return batch, n_fast
 
 
@@ -837,7 +867,8 @@ def _original_lines(text: str, spans: list[tuple[int, int, list]]
 
 
 def _fast_entries(batch: Batch, path: str, fast_idx: list[int], datas: list[str],
-                  domain: str, case_sensitive: bool, lower_each: bool, warn) -> None:
+                  domain: str, case_sensitive: bool, lower_each: bool, warn,
+                  local_domains: frozenset[str] | None = None) -> None:
     """Keys and targets of the fast-path entries, processed in bulk."""
     keys, klines = batch.keys, batch.lines
     n = len(fast_idx)
@@ -892,6 +923,16 @@ def _fast_entries(batch: Batch, path: str, fast_idx: list[int], datas: list[str]
         for j, item in enumerate(targets):
             at = item.rfind("@")
             targets[j] = item[:at + 1] + item[at + 1:].lower()
+    if local_domains is not None:
+        # map builds: a target outside the local domains is external (no key has such a
+        # domain, and fast-path targets are never pipes, files or specials): keep its owner
+        local = list(map(local_domains.__contains__, map(
+            itemgetter(2), map(str.rpartition, targets, itertools.repeat("@")))))
+        if not all(local):
+            batch.external_owners.extend(itertools.compress(owners, map(operator.not_, local)))
+            owners = list(itertools.compress(owners, local))
+            targets = list(itertools.compress(targets, local))
+        del local
     # entries whose key was dropped keep their targets here; the graph never reaches them
     batch.owners.extend(owners)
     batch.targets.extend(targets)
@@ -1025,11 +1066,12 @@ def parse_sqlite(path: str, query: str, *, domain: str = "", case_sensitive: boo
     return batch
 
 
-def open_source(source: ForwardingSource, *, case_sensitive: bool, warn=None) -> Batch:
-    """Read one configured source."""
+def open_source(source: ForwardingSource, *, case_sensitive: bool, warn=None,
+                local_domains: frozenset[str] | None = None) -> Batch:
+    """Read one configured source (``local_domains``: see :func:`parse_lsearch`)."""
     if source.type == "lsearch":
         return parse_lsearch(source.path, domain=source.domain, case_sensitive=case_sensitive,
-                             warn=warn)
+                             warn=warn, local_domains=local_domains)
     if source.type == "sqlite":
         return parse_sqlite(source.path, source.query, domain=source.domain,
                             case_sensitive=case_sensitive, warn=warn)
