@@ -32,7 +32,14 @@ async def run(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(watcher.reload_if_changed()))
+    reloads: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    def reload_now() -> None:
+        task = loop.create_task(watcher.reload_if_changed())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now)
     watch = loop.create_task(watcher.run())
     log.info("exim-policy serving on %s; queries on %s; Rspamd %s; forwarding map %s "
              "(%d entries)", ", ".join(str(a) for a in config.server.listen),
