@@ -155,3 +155,20 @@ def test_split_point_starts_an_entry_line():
     assert sources._split_point("a@x.test: b@x.test\n" + "  c@x.test\n" * 5, 2) == 0
     assert sources._split_point(text, 1) == 0
     assert sources._split_point(text, None) == 0  # far below PARALLEL_MIN_LINES
+
+
+def test_no_fork_from_a_multi_threaded_process():
+    """fork() copies only the calling thread; with other threads alive the parse stays in
+    one process (unless the caller insists with processes=2)."""
+    import threading
+
+    text = "".join(f"u{i}@d.example: x{i}@ext.example\n" for i in range(250_000))
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert sources._split_point(text, None) == 0
+        assert sources._split_point(text, 2) > 0
+    finally:
+        release.set()
+        other.join()

@@ -137,9 +137,10 @@ def _walk(directory: str, errors: list[str]) -> list[Source]:
     return [Source(path, path, None, _read_file(path)) for _, path in found]
 
 
-def _mbox_sources(path: str, errors: list[str]) -> list[Source]:
+def _mbox_sources(path: str, errors: list[str], opened: list) -> list[Source]:
     """The messages of an mbox file, each with its ``From `` line (which the evaluation
-    strips, as the daemon strips Exim's)."""
+    strips, as the daemon strips Exim's). The open mailbox is appended to ``opened``: the
+    caller closes it after the run (messages are read lazily, from worker threads)."""
     if os.path.isdir(path):
         errors.append(f"{path}: is a directory, not an mbox file")
         return []
@@ -152,6 +153,7 @@ def _mbox_sources(path: str, errors: list[str]) -> list[Source]:
     except OSError as exc:
         errors.append(f"{path}: cannot read: {exc.strerror or exc}")
         return []
+    opened.append(box)
     if not keys:
         errors.append(f"{path}: no messages in this mbox file")
         return []
@@ -167,8 +169,10 @@ def _mbox_sources(path: str, errors: list[str]) -> list[Source]:
             for i, key in enumerate(keys, 1)]
 
 
-def collect_sources(files: list[str], mboxes: list[str]) -> tuple[list[Source], list[str]]:
-    """Sources in command-line order, and input errors (each one line, no traceback)."""
+def collect_sources(files: list[str], mboxes: list[str],
+                    opened: list) -> tuple[list[Source], list[str]]:
+    """Sources in command-line order, and input errors (each one line, no traceback).
+    Mailboxes opened for ``--mbox`` are appended to ``opened`` (close them when done)."""
     sources: list[Source] = []
     errors: list[str] = []
     stdin_used = False
@@ -185,7 +189,7 @@ def collect_sources(files: list[str], mboxes: list[str]) -> tuple[list[Source], 
         else:
             errors.append(f"{name}: no such file or directory")
     for name in mboxes:
-        sources.extend(_mbox_sources(name, errors))
+        sources.extend(_mbox_sources(name, errors, opened))
     return sources, errors
 
 
@@ -302,14 +306,24 @@ class Runner:
 
 def main(args: argparse.Namespace, *, quarantine: str) -> int:
     """Run the command; returns the exit status (see the command's docstring)."""
-    from . import _test_output
-
     overrides = overrides_from(args)
     if not args.files and not args.mbox:
         raise UsageError("no message given (FILE, directory, --mbox FILE, or - for "
                          "standard input)")
     config = load(args.config)
-    sources, errors = collect_sources(args.files, args.mbox)
+    opened: list = []
+    try:
+        sources, errors = collect_sources(args.files, args.mbox, opened)
+        return _run(args, config, overrides, quarantine, sources, errors)
+    finally:
+        for box in opened:
+            box.close()
+
+
+def _run(args: argparse.Namespace, config, overrides, quarantine: str,
+         sources: list[Source], errors: list[str]) -> int:
+    from . import _test_output
+
     fmap, map_note = forwarding_map(config.forwarding.map)
     service = PolicyService(config, RspamdScanner(config.rspamd.url, config.rspamd.timeout),
                             fmap.forwards)

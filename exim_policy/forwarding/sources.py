@@ -50,6 +50,7 @@ import multiprocessing
 import operator
 import re
 import sqlite3
+import threading
 import urllib.parse
 from array import array
 from operator import itemgetter
@@ -623,7 +624,10 @@ def _split_point(text: str, processes: int | None) -> int:
     middle, see ``_CHILD_SHARE``), or 0 for one process."""
     if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return 0
-    if processes is None and text.count("\n") < PARALLEL_MIN_LINES:
+    if processes is None and (text.count("\n") < PARALLEL_MIN_LINES
+                              # fork() copies only the calling thread: a lock another
+                              # thread holds would stay locked in the child forever
+                              or threading.active_count() > 1):
         return 0
     m = _ENTRY_START.search(text, int(len(text) * (1 - _CHILD_SHARE)))
     return m.start() + 1 if m else 0
