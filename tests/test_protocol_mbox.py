@@ -1,7 +1,6 @@
 """Exim's scan-file wrapper: build it like Exim 4.96, strip it, read the envelope from it."""
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 
 import pytest

@@ -1,7 +1,6 @@
 """RequestParser: golden requests from Exim 4.96 and spamc, every chunking, every framing edge."""
 from __future__ import annotations
 
-import sys
 import tracemalloc
 
 import pytest

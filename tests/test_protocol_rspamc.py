@@ -2,7 +2,6 @@
 the reply as Exim 4.96's sscanf-based parser reads it."""
 from __future__ import annotations
 
-import sys
 import math
 import re
 

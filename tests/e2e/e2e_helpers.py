@@ -7,6 +7,7 @@ import smtplib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from exim_policy.lab.exim import EximLab
 
@@ -120,3 +121,47 @@ def no_bounce_since(exim: EximLab, log_offset: int) -> bool:
 
 def normalise(text: str) -> str:
     return " ".join(text.split())
+
+
+def build_debian_config(base: Path, exim_dir: Path, site_macros: str, *,
+                        rcpt_hook: bool = False) -> Path:
+    """Debian's split configuration (a copy of /etc/exim4 under ``base``) plus the
+    snippets of ``exim_dir/debian``, built with update-exim4.conf; returns the config.
+
+    ``site_macros`` go first in main/ (the test's own settings); a private spool and "no
+    DNS at all" are added here, and the DATA hook (plus the RCPT hook with ``rcpt_hook``)
+    points at the copied snippets, as exim/debian/README.md says.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("update-exim4.conf") is None:
+        import pytest
+
+        pytest.fail("update-exim4.conf not found: install the Debian package 'exim4-config'",
+                    pytrace=False)
+    confdir = base / "etc-exim4"
+    shutil.copytree("/etc/exim4", confdir, symlinks=True)
+    settings = confdir / "update-exim4.conf.conf"
+    settings.write_text(re.sub(r"^dc_use_split_config=.*$", "dc_use_split_config='true'",
+                               settings.read_text(), flags=re.M))
+    conf_d = confdir / "conf.d"
+    snippets = exim_dir / "debian" / "conf.d"
+    for snippet in snippets.rglob("*"):
+        if snippet.is_file():
+            shutil.copyfile(snippet, conf_d / snippet.relative_to(snippets))
+    spool = base / "spool"
+    spool.mkdir()
+    shutil.chown(spool, "Debian-exim", "Debian-exim")
+    hooks = f"CHECK_DATA_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_data.conf\n"
+    if rcpt_hook:
+        hooks += f"CHECK_RCPT_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_rcpt.conf\n"
+    (conf_d / "main" / "000_test_site").write_text(
+        site_macros + hooks + f"SPOOLDIR = {spool}\n"
+        "MAIN_HOST_LOOKUP =\nhost_lookup_order =\nrfc1413_hosts =\n")
+    output = base / "exim4.conf"
+    built = subprocess.run(["update-exim4.conf", "-d", str(confdir), "-o", str(output)],
+                           capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stdout + built.stderr
+    output.chmod(0o644)
+    return output

@@ -29,7 +29,7 @@ from pathlib import Path
 import messages
 import pytest
 from e2e_helpers import (AUTH, FORWARD_TARGET, FORWARDER, INBOUND_SENDER, LOCAL, LOCAL2,
-                         USER_ADDRESS, in_mailbox, in_sink, no_bounce_since, wait_mailbox,
+                         USER_ADDRESS, build_debian_config, in_mailbox, in_sink, no_bounce_since, wait_mailbox,
                          wait_sink)
 
 from exim_policy.lab import LabError, LabUnavailable, RspamdLab, SmtpSink
@@ -489,44 +489,18 @@ def test_debian_split_config_with_the_rcpt_snippet_splits(split_shim):
         check_prerequisites()
     except LabUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
-    if shutil.which("update-exim4.conf") is None:
-        pytest.fail("update-exim4.conf not found: install the Debian package 'exim4-config'",
-                    pytrace=False)
     if not split_shim.alive():
         split_shim.start()
     base = Path(tempfile.mkdtemp(prefix="exim-policy-rcpt-deb-"))
     try:
         base.chmod(0o755)
-        confdir = base / "etc-exim4"
-        shutil.copytree("/etc/exim4", confdir, symlinks=True)
-        settings = confdir / "update-exim4.conf.conf"
-        settings.write_text(re.sub(r"^dc_use_split_config=.*$", "dc_use_split_config='true'",
-                                   settings.read_text(), flags=re.M))
-        conf_d = confdir / "conf.d"
-        snippets = EXIM_DIR / "debian" / "conf.d"
-        for snippet in snippets.rglob("*"):
-            if snippet.is_file():
-                shutil.copyfile(snippet, conf_d / snippet.relative_to(snippets))
-        spool = base / "spool"
-        spool.mkdir()
-        shutil.chown(spool, "Debian-exim", "Debian-exim")
         # 127.0.0.1 must be an ordinary inbound client here: Debian's relay_from_hosts
         # (MAIN_RELAY_NETS) would accept it before the hook; ::1 stays a relay host.
-        (conf_d / "main" / "000_test_site").write_text(
+        output = build_debian_config(
+            base, EXIM_DIR,
             f"EXIM_POLICY_QUERY = {split_shim.query_address}\n"
             "MAIN_RELAY_NETS = <; ::1\n"
-            "EXIM_POLICY_RELAY_HOSTS = +relay_from_hosts\n"
-            f"CHECK_DATA_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_data.conf\n"
-            f"CHECK_RCPT_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_rcpt.conf\n"
-            f"SPOOLDIR = {spool}\n"
-            "MAIN_HOST_LOOKUP =\n"
-            "host_lookup_order =\n"
-            "rfc1413_hosts =\n")
-        output = base / "exim4.conf"
-        built = subprocess.run(["update-exim4.conf", "-d", str(confdir), "-o", str(output)],
-                               capture_output=True, text=True, timeout=60)
-        assert built.returncode == 0, built.stdout + built.stderr
-        output.chmod(0o644)
+            "EXIM_POLICY_RELAY_HOSTS = +relay_from_hosts\n", rcpt_hook=True)
         session = ("EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\n"
                    f"RCPT TO:<{DEBIAN_MAILBOX}>\r\nRCPT TO:<{DEBIAN_FORWARDER}>\r\n"
                    "RCPT TO:<nobody@localhost>\r\nQUIT\r\n")
