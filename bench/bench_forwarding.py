@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ result = build_map(config)
 seconds = time.perf_counter() - started
 print(json.dumps({{"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    "child_maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                   "entries": result.entries, "aliases": result.aliases, "edges": result.edges,
+                   "entries": result.entries, "aliases": result.aliases, "targets": result.targets,
                    "written": bool(result.written), "warnings": result.warning_count}}))
 """
 
@@ -47,6 +48,10 @@ def run_size(aliases: int, edges: int, seed: int, workdir: Path, timeout: float)
     subprocess.run([sys.executable, str(HERE / "forwarding_gen.py"), "--aliases", str(aliases),
                     "--edges", str(edges), "--seed", str(seed), "--out", str(alias_file)],
                    check=True, timeout=timeout)
+    # the generator's 70 MB are still being written back to disk: let that finish first,
+    # or the build competes with the kernel's writeback (an alias file is not written in
+    # the same second it is read, in real life)
+    os.sync()
     config = workdir / f"config-{aliases}.toml"
     config.write_text(f"""\
 [forwarding]

@@ -112,6 +112,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         state = "written" if result.changed else "unchanged"
         print(f"forwarding map {result.map_path}: {result.entries} entries, {state} "
-              f"({result.aliases} aliases, {result.edges} edges, {result.sources} sources, "
+              f"({result.aliases} aliases, {result.targets} targets, {result.sources} sources, "
               f"{result.seconds:.2f} s)")
     return 0

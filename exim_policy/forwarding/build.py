@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ..config import ForwardingConfig
-from . import writer
-from .graph import Explanation, ForwardingGraph, GraphBuilder
+from . import bulk, writer
+from .graph import Explanation, ForwardingGraph, GraphBuilder, MapData
 from .sources import ForwardingError, ForwardingSourceError, is_domain, open_source, read_text
 
 __all__ = ["BuildResult", "CheckResult", "ForwardingError", "build_map", "check_map",
@@ -30,7 +30,8 @@ class BuildResult:
     lsearch_path: str  # "" when no lsearch output is configured
     entries: int
     aliases: int
-    edges: int
+    #: targets read (addresses, pipes, files, specials)
+    targets: int
     sources: int
     #: the files that were (re)written; empty when everything was current
     written: tuple[str, ...]
@@ -131,6 +132,16 @@ def _load_graph(config: ForwardingConfig, detail: bool) -> ForwardingGraph:
     return builder.build()
 
 
+def map_data(config: ForwardingConfig, *, bulk_min_lines: int = bulk.MIN_LINES) -> MapData:
+    """The map's entries for ``config``: one large alias file takes the two-process route
+    of bulk.py when it can, everything else (and whatever that route steps back from) the
+    general one; both give the same result."""
+    warnings = GraphBuilder(())
+    domains = local_domains(config, warnings.warn)
+    data = bulk.map_data(config, domains, warnings, min_lines=bulk_min_lines)
+    return data if data is not None else load_graph(config).map_data()
+
+
 def _outputs(config: ForwardingConfig, entries: list[str]) -> list[tuple[str, str]]:
     """(path, body) for each configured output file."""
     outputs = [(config.map, writer.map_body(entries))]
@@ -142,8 +153,8 @@ def _outputs(config: ForwardingConfig, entries: list[str]) -> list[tuple[str, st
 def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> BuildResult:
     """Build and write the map(s); files whose entries are unchanged are left alone."""
     started = time.monotonic()
-    graph = load_graph(config)
-    entries = graph.entries()
+    data = map_data(config)
+    entries = data.entries
     outputs = _outputs(config, entries)
     written = []
     for path, body in outputs:
@@ -156,15 +167,15 @@ def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> Build
         written.append(path)
     return BuildResult(
         map_path=config.map, lsearch_path=config.lsearch_output, entries=len(entries),
-        aliases=graph.aliases, edges=graph.edges, sources=graph.sources,
-        written=tuple(written), warnings=tuple(graph.warnings),
-        warning_count=graph.warning_count, seconds=time.monotonic() - started)
+        aliases=data.aliases, targets=data.targets, sources=data.sources,
+        written=tuple(written), warnings=data.warnings,
+        warning_count=data.warning_count, seconds=time.monotonic() - started)
 
 
 def check_map(config: ForwardingConfig) -> CheckResult:
     """Compare what a build would write with the files on disk; writes nothing."""
-    graph = load_graph(config)
-    entries = graph.entries()
+    data = map_data(config)
+    entries = data.entries
     stale = []
     for (path, body), lsearch in zip(_outputs(config, entries), (False, True)):
         try:
@@ -179,7 +190,7 @@ def check_map(config: ForwardingConfig) -> CheckResult:
         old, new = set(on_disk), set(entries)
         stale.append(f"{path}: stale, {len(new - old)} to add, {len(old - new)} to remove")
     return CheckResult(current=not stale, stale=tuple(stale), entries=len(entries),
-                       warnings=tuple(graph.warnings), warning_count=graph.warning_count)
+                       warnings=data.warnings, warning_count=data.warning_count)
 
 
 def explain(config: ForwardingConfig, address: str) -> Explanation:

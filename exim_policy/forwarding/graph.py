@@ -78,6 +78,18 @@ class Explanation:
     reason: str
 
 
+@dataclass(frozen=True)
+class MapData:
+    """What a map build needs of a graph: the map's entries and a summary."""
+
+    entries: list[str]
+    aliases: int
+    targets: int
+    sources: int
+    warnings: tuple[str, ...]
+    warning_count: int
+
+
 class GraphBuilder:
     """Collects sources (:class:`Batch` es); :meth:`build` returns the finished graph.
 
@@ -100,6 +112,11 @@ class GraphBuilder:
         self.warning_count += 1
         if len(self.warnings) < self.max_warnings:
             self.warnings.append(message)
+
+    def warn_all(self, messages: Sequence[str]) -> None:
+        """:meth:`warn` for each of ``messages``, in bulk."""
+        self.warning_count += len(messages)
+        self.warnings.extend(messages[:max(0, self.max_warnings - len(self.warnings))])
 
     def add_batch(self, batch: Batch) -> None:
         self._batches.append(batch)
@@ -144,6 +161,7 @@ class _Build:
         self.ent_line = array("i")
         self.sources: list[tuple[str, str]] = []
         self.aliases = 0
+        self.targets = 0  # targets read (all kinds), for the build summary
         # created after the first source's keys, so that its entry i can be node i
         self.external = self.dead = -1
         self.cover: dict[str, list[tuple[int, int, int]]] = {}  # domain -> (bit, W, entry)
@@ -163,6 +181,8 @@ class _Build:
         batches = self.b._batches
         offsets, enodes = [], []
         for s, batch in enumerate(batches):
+            self.targets += len(batch.targets) + len(batch.external_owners) + sum(
+                len(targets) for _key, targets, _line in batch.wildcards)
             self.sources.append((batch.name, "row " if batch.row_origins else ""))
             offsets.append(len(self.ent_line))
             self.ent_src.extend(itertools.repeat(s, len(batch.keys)))
@@ -447,6 +467,69 @@ def _lists(n: int) -> list[list]:
     return [[] for _ in range(n)]
 
 
+def writable(addresses: list[str], warn, suspects: Iterable[str] | None = None) -> list[str]:
+    """The sorted ``addresses`` without those that cannot be written to the map (``#`` or
+    white space in them), each of which is reported to ``warn``.  ``suspects``: the only
+    ones of them that may be such (None: any)."""
+    if suspects is None:
+        joined = "".join(addresses)
+        if not any(c in joined for c in _UNWRITABLE):
+            return addresses
+        suspects = addresses
+    bad = sorted({a for a in suspects if not _UNWRITABLE.isdisjoint(a)})
+    if not bad:
+        return addresses
+    for address in bad:
+        warn(f"{address!r} forwards but cannot be written to the map ('#' or white space "
+             "in it)")
+    bad_set = set(bad)
+    return [a for a in addresses if a not in bad_set]
+
+
+def over_match_warning(address: str, domain: str) -> str:
+    return (f"{address} does not forward, but the map's @{domain} entry matches it (a domain "
+            "wildcard forwards; the map has no exceptions)")
+
+
+def reach(n: int, esrc: Sequence[int], edst: Sequence[int], seeds: Iterable[int],
+          reached: bytearray | None = None) -> bytearray:
+    """Breadth-first search over the reverse of the edges ``esrc[e] -> edst[e]`` from
+    ``seeds`` (nodes known to reach an external address; repeats are fine), a level at a
+    time with C-level ``map`` calls; linear in nodes + edges, cycle-safe.  Returns a 0/1
+    mask of the ``n`` nodes: 1 for every node that reaches a seed.
+
+    ``reached``: a mask from an earlier search over other edges, continued (and updated in
+    place); every node it marks must be among the seeds or have no predecessor here."""
+    was_enabled = gc.isenabled()
+    gc.disable()  # hundreds of thousands of new lists: see GraphBuilder.build
+    try:
+        if reached is None:
+            reached = bytearray(n)
+        frontier = list(dict.fromkeys(seeds))
+        one = itertools.repeat(1)
+        collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
+        # An edge out of a node that is reached already can add nothing: leave those out
+        # (in map builds about half of all edges leave a node with an external target).
+        # Lists only for nodes that have predecessors.
+        live = list(map(operator.not_, map(reached.__getitem__, esrc)))
+        preds: collections.defaultdict = collections.defaultdict(list)
+        collections.deque(map(list.append,
+                              map(preds.__getitem__, itertools.compress(edst, live)),
+                              itertools.compress(esrc, live)), maxlen=0)
+        del live
+        get, none = preds.get, ()
+        while frontier:
+            found = list(itertools.chain.from_iterable(
+                map(get, frontier, itertools.repeat(none))))
+            new = itertools.compress(found, map(operator.not_, map(reached.__getitem__, found)))
+            frontier = list(dict.fromkeys(new))  # without duplicates, in order
+            collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
+        return reached
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class ForwardingGraph:
     """The finished graph.  ``reached[node]`` is 1 when the node reaches an external address."""
 
@@ -457,6 +540,8 @@ class ForwardingGraph:
         self.detail = builder.detail
         self._builder = builder
         self.aliases = build.aliases
+        #: targets read from all sources (addresses, pipes, files, specials)
+        self.targets = build.targets
         self._ids = build.ids
         self._names = build.names
         self._kind = build.kind
@@ -493,39 +578,11 @@ class ForwardingGraph:
         return len(self._sources)
 
     def _reach(self) -> bytearray:
-        """Breadth-first over reverse edges from every external node (and, in map builds,
-        every node with an external target), a level at a time with C-level ``map`` calls;
-        linear in nodes + edges, cycle-safe.  Returns a 0/1 mask per node."""
-        was_enabled = gc.isenabled()
-        gc.disable()  # hundreds of thousands of new lists: see GraphBuilder.build
-        try:
-            n = len(self._names)
-            reached = bytearray(n)
-            frontier = list(itertools.compress(
-                range(n), map(operator.eq, self._kind, itertools.repeat(EXTERNAL))))
-            frontier = list(dict.fromkeys(itertools.chain(frontier, self._seeds)))
-            one = itertools.repeat(1)
-            collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
-            # An edge out of a node that is reached already can add nothing: leave those
-            # out (in map builds about half of all edges leave a node with an external
-            # target).  Lists only for nodes that have predecessors.
-            live = list(map(operator.not_, map(reached.__getitem__, self._esrc)))
-            preds: collections.defaultdict = collections.defaultdict(list)
-            collections.deque(map(list.append,
-                                  map(preds.__getitem__, itertools.compress(self._edst, live)),
-                                  itertools.compress(self._esrc, live)), maxlen=0)
-            del live
-            get, none = preds.get, ()
-            while frontier:
-                found = list(itertools.chain.from_iterable(
-                    map(get, frontier, itertools.repeat(none))))
-                new = itertools.compress(found, map(operator.not_, map(reached.__getitem__, found)))
-                frontier = list(dict.fromkeys(new))  # without duplicates, in order
-                collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
-            return reached
-        finally:
-            if was_enabled:
-                gc.enable()
+        """1 for every node that reaches an external address (see :func:`reach`)."""
+        n = len(self._names)
+        frontier = itertools.compress(
+            range(n), map(operator.eq, self._kind, itertools.repeat(EXTERNAL)))
+        return reach(n, self._esrc, self._edst, itertools.chain(frontier, self._seeds))
 
     # --------------------------------------------------------------- output --
     def _forwarding_names(self) -> Iterable[str]:
@@ -547,21 +604,18 @@ class ForwardingGraph:
             out = sorted(set(map(str.lower, names)))
         else:
             out = sorted(names)  # node names are unique and already lower-case
-        joined = "".join(out)
-        if any(c in joined for c in _UNWRITABLE):
-            bad = [a for a in out if not _UNWRITABLE.isdisjoint(a)]
-            for address in bad:
-                self._builder.warn(f"{address!r} forwards but cannot be written to the map "
-                                   "('#' or white space in it)")
-            bad_set = set(bad)
-            out = [a for a in out if a not in bad_set]
-        del joined
+        out = writable(out, self._builder.warn)
         domains = [d for d, probe in self._probes.items() if self.reached[probe]]
         if domains:
             self._over_match(set(domains))
             out = sorted(out + [f"@{d}" for d in domains])
         self._entries = out
         return out
+
+    def map_data(self) -> MapData:
+        entries = self.entries()  # (may add warnings)
+        return MapData(entries, self.aliases, self.targets, self.sources,
+                       tuple(self.warnings), self.warning_count)
 
     def _over_match(self, domains: set[str]) -> None:
         names, kind, reached = self._names, self._kind, self.reached
@@ -570,9 +624,7 @@ class ForwardingGraph:
                 name = names[v]
                 domain = name[name.rfind("@") + 1:]
                 if domain in domains:
-                    self._builder.warn(
-                        f"{name} does not forward, but the map's @{domain} entry matches it "
-                        "(a domain wildcard forwards; the map has no exceptions)")
+                    self._builder.warn(over_match_warning(name, domain))
 
     def is_forwarding(self, address: str) -> bool:
         """Whether a normalised address (see :meth:`normalize`) is a forwarding address."""

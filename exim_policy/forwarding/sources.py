@@ -415,6 +415,18 @@ def _key(raw: str, domain: str, case_sensitive: bool) -> str | None:
     return _norm(local, dom, case_sensitive)
 
 
+def line_key(line: str) -> tuple[str, int]:
+    """The raw key of an lsearch key line and where the rest of the line starts (-1 for
+    an unterminated quoted key): a ``"quoted string"`` or up to a colon or white space."""
+    if line.startswith('"'):
+        end = _quoted_end(line, 0)
+        if end < 2 or line[end - 1] != '"':
+            return "", -1
+        return _unquote(line[:end]), end
+    raw_key = line.split(None, 1)[0].split(":", 1)[0]
+    return raw_key, len(raw_key)
+
+
 def _after_key(rest: str) -> str:
     """Exim: after the key, skip white space and one optional colon (even when the data
     itself starts with a colon: ``key :blackhole:`` loses that colon in Exim too)."""
@@ -976,15 +988,10 @@ def _scan_entries(batch: Batch, path: str, raw: list[tuple[int, int, list[str]]]
     for i, first, originals in raw:
         line = originals[0]
         origin = f"{path}:{base + first + 1}"
-        if line.startswith('"'):
-            end = _quoted_end(line, 0)
-            if end < 2 or line[end - 1] != '"':
-                raise ForwardingSourceError(origin, "unterminated quoted key")
-            raw_key = _unquote(line[:end])
-            rest = _after_key(line[end:])
-        else:
-            raw_key = line.split(None, 1)[0].split(":", 1)[0]
-            rest = _after_key(line[len(raw_key):])
+        raw_key, end = line_key(line)
+        if end < 0:
+            raise ForwardingSourceError(origin, "unterminated quoted key")
+        rest = _after_key(line[end:])
         if not raw_key:
             raise ForwardingSourceError(origin, "empty key")
         parts = [rest.strip()]

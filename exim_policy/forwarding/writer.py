@@ -36,7 +36,7 @@ def _stamp(now: datetime | None) -> str:
 
 
 def _body(lines: Sequence[str]) -> str:
-    return "".join(f"{line}\n" for line in lines)
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def map_body(entries: Sequence[str]) -> str:

@@ -1,0 +1,636 @@
+"""Map builds of one large alias file in two processes, each half resolved where it is read.
+
+The general route (sources.parse_lsearch -> graph.GraphBuilder) parses the two halves of a
+large file in two processes but builds the whole graph in one: the key index, two million
+target lookups, the search and the output all run serially after the parse.  For the
+common shape of a large file -- one lsearch source of full-address keys, as a control
+panel writes it -- this module keeps the second core busy for nearly all of it:
+
+1. The parent reads the file, notes the domains of its ``*@domain`` keys and forks.
+2. Each process takes its half (cut at the start of an entry), lower-cases it and reads
+   its *regular* lines (``key: a@x, b@y``, also continued on indented lines, also with
+   pipes and files) in bulk, every other entry through the general route's item scanner.
+   External targets only make their owner a seed of the search.  Each half indexes its
+   own keys, resolves its local targets against them and searches backwards from its
+   seeds over those edges (graph.reach).
+3. The halves swap the targets they have no key for (of owners not yet known to forward)
+   and resolve the other's against their own index: a local address that is a key nowhere
+   is a mailbox or, in a domain with a wildcard, an edge to that wildcard.
+4. The parent continues the search over the edges that are left; then each half lists
+   its forwarding addresses, sorted, and the parent merges the two lists.
+
+Node ids are 0-based line numbers, so both processes agree on them without talking; only
+int arrays, byte masks and joined strings cross the pipe.  Measured with
+bench/bench_forwarding.py: see the README.
+
+Anything this route does not handle in bulk -- several sources, duplicate keys, keys
+outside the local domains, bare local parts, non-ASCII text, ``:include:``, a ``*`` key,
+a bad line (whose exact error the general route reports), a child process that dies --
+makes it step back (:func:`map_data` returns None) and the caller takes the general route,
+which then gives the same result, warnings and errors as always.  tests/test_forwarding_bulk.py
+compares the two routes on generated, hand-written and random inputs.
+"""
+from __future__ import annotations
+
+import collections
+import gc
+import multiprocessing
+import operator
+import re
+import threading
+from array import array
+from itertools import chain, compress, repeat
+from operator import itemgetter
+
+from ..config import ForwardingConfig
+from . import sources
+from .graph import GraphBuilder, MapData, over_match_warning, reach, writable
+from .sources import SPECIAL_START, Batch, ForwardingError
+
+#: files with fewer lines take the general route (as sources.PARALLEL_MIN_LINES)
+MIN_LINES = sources.PARALLEL_MIN_LINES
+
+#: lines with these go to the item scanner (pipes and files, also scanner characters in
+#: the general route, are plain items here: see _Half._regular_targets)
+_SCAN_CHARS = '"\\<(#*'
+#: characters that no key or target in a regular line may contain (white space, what
+#: the scanner characters leave of sources._BAD_CHARS)
+_BAD_CHARS = " \t\r\f\v;>)[]"
+_DOMAINS_NL = re.compile(r"@([^\n]*)").findall
+_DOMAINS_COMMA = re.compile(r"@([^,]*)").findall
+
+
+class _StepBack(Exception):
+    """This input needs the general route (see the module docstring)."""
+
+
+def map_data(config: ForwardingConfig, local: frozenset[str], warnings: GraphBuilder, *,
+             min_lines: int = MIN_LINES) -> MapData | None:
+    """The map of ``config``'s single lsearch source, or None when the general route must
+    build it.  ``warnings`` already holds the warnings of reading the local domains."""
+    if (len(config.sources) != 1 or config.case_sensitive_local_parts
+            or config.sources[0].type != "lsearch" or config.sources[0].domain
+            # fork() copies only the calling thread: a lock another thread holds would
+            # stay locked in the child forever
+            or threading.active_count() > 1
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        return None
+    path = config.sources[0].path
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None  # the general route reports it
+    if len(raw) < min_lines or not raw.isascii():  # (see _two_halves for min_lines)
+        return None
+    was_enabled = gc.isenabled()
+    gc.disable()  # millions of new objects and no cycles (see build._gc_paused)
+    try:
+        return _two_halves(path, [raw], local, warnings, min_lines)
+    except _StepBack:
+        return None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _wildcards(raw: bytes, local: frozenset[str]) -> frozenset[str]:
+    """The domains of the file's ``*@domain`` keys (their lines are the scanner's, and
+    each half notes their nodes, see _Half.cover).  A ``*`` key, a wildcard of another
+    domain or a second one of a domain makes the route step back."""
+    starts = [0] if raw[:1] in (b"*", b'"') else []
+    for char in (b"*", b'"'):  # (rare characters: find() skips to each in no time)
+        pos = raw.find(char, 1)
+        while pos >= 0:
+            if raw[pos - 1] == 10:  # a newline before it
+                starts.append(pos)
+            pos = raw.find(char, pos + 1)
+    cover = set()
+    for pos in starts:
+        end = raw.find(b"\n", pos)
+        text = raw[pos:end if end >= 0 else len(raw)].lower().decode("ascii")
+        raw_key, rest = sources.line_key(text)
+        try:
+            key = sources._key(raw_key, "", False) if rest >= 0 else None
+        except ValueError:
+            raise _StepBack from None
+        if key is None or key[0] != "*":
+            continue
+        domain = key[2:]
+        if key == "*" or domain not in local or domain in cover:
+            raise _StepBack  # the general route handles (and warns about) these
+        cover.add(domain)
+    return frozenset(cover)
+
+
+#: where the second half starts: the start of a key line (not white space or a comment),
+#: so that no entry spans the cut
+_ENTRY_START = re.compile(rb"\n(?=[^\s#])")
+#: the second process's part of the file (measured: more than half makes the parent wait
+#: for the child at the swap, less makes the child's answers late at the end)
+CHILD_SHARE = 0.5
+
+
+def _split_point(raw: bytes) -> int:
+    m = _ENTRY_START.search(raw, int(len(raw) * (1 - CHILD_SHARE)))
+    return m.start() + 1 if m else 0
+
+
+class _Half:
+    """One half of the file: parsed, indexed, resolved against itself and searched."""
+
+    def __init__(self, path: str, raw: bytes, base: int, local: frozenset[str],
+                 covered: frozenset[str]) -> None:
+        self.base = base
+        self.local = local
+        self.covered_domains = covered
+        #: ``*@domain`` -> its node (line), for the wildcards of this half, then (once the
+        #: halves have swapped theirs, see :meth:`add_wildcards`) of the whole file
+        self.cover: dict[str, int] = {}
+        self.warnings: list[str] = []  # the scanner's
+        self.targets = 0  # targets read
+        self.seeds = array("i")
+        self.esrc, self.edst = array("i"), array("i")
+        self.candidates: list[str] = []  # local targets in a domain with a wildcard
+        #: ``(node, key)`` of the keys in a domain with a wildcard (see :meth:`names`)
+        self.covered_keys: list[tuple[int, str]] = []
+        #: mailboxes in a domain with a wildcard (forwarding when their wildcard does)
+        self.covered: list[str] = []
+        self.covered_nodes = array("i")
+        text = raw.lower().decode("ascii")  # ASCII only (as the map compares)
+        del raw
+        scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, "|/")
+        lines = text.split("\n")
+        del text
+        if lines and not lines[-1]:
+            lines.pop()  # the newline that ends the last line
+        self.lines = len(lines)
+        regular, ends, entries = _line_kinds(lines, scan_lines, end_lines)
+        self.keys: list[str] = []
+        self.key_ids: list[int] = []  # (a list: the index shares its int objects)
+        self.scanned_keys = 0  # where the scanner's keys start in self.keys
+        local_targets: list[str] = []
+        local_owners = array("i")
+        for ids, group in ((compress(range(base, base + len(lines)), regular),
+                            compress(lines, regular)),
+                           (map(operator.add, ends, repeat(base)), map(lines.__getitem__, ends))):
+            ids = list(ids)
+            keys, datas = self._split(":".join(group), ids)
+            targets, owners = self._regular_targets(datas, ids)
+            del datas
+            self.keys.extend(keys)
+            self.key_ids.extend(ids)
+            local_targets.extend(targets)
+            local_owners.extend(owners)
+            del keys, ids, targets, owners
+        del regular, ends
+        scanned = [(i, first, lines[first:last + 1]) for i, (first, last) in entries.items()]
+        del lines, entries
+        if any(":include:" in line for _i, _first, text in scanned for line in text):
+            raise _StepBack  # (its file name was lower-cased here)
+        self._scanned(path, scanned, local_targets, local_owners)
+        del scanned
+        self.index = dict(zip(self.keys, self.key_ids))
+        if len(self.index) != len(self.keys):
+            raise _StepBack  # duplicate keys: the general route warns about each
+        #: targets without a key here that a wildcard covers: the general route lists such
+        #: mailboxes when their wildcard forwards (the other half lists those that are not
+        #: keys there either)
+        self.candidates = list(dict.fromkeys(compress(self.candidates, map(
+            operator.not_, map(self.index.__contains__, self.candidates)))))
+        # Targets of owners with an external target (seeds) can add nothing to the search:
+        # only the others are looked up
+        seed = bytearray(base + self.lines)
+        collections.deque(map(seed.__setitem__, self.seeds, repeat(1)), maxlen=0)
+        live = list(map(operator.not_, map(seed.__getitem__, local_owners)))
+        del seed
+        targets = list(compress(local_targets, live))
+        owners = array("i", compress(local_owners, live))
+        del local_targets, local_owners, live
+        missing = list(map(operator.not_, resolve(self.index, targets, owners, self.esrc,
+                                                  self.edst)))
+        targets = list(compress(targets, missing))
+        owners = array("i", compress(owners, missing))
+        del missing
+        self.reached = reach(base + self.lines, self.esrc, self.edst, self.seeds)
+        # what is left for the other half: targets without a key here, of owners that do
+        # not forward yet; and of the edges only those whose owner may still come to
+        live = list(map(operator.not_, map(self.reached.__getitem__, owners)))
+        self.unresolved = list(compress(targets, live))
+        self.unresolved_owners = array("i", compress(owners, live))
+        del targets, owners
+        live = list(map(operator.not_, map(self.reached.__getitem__, self.esrc)))
+        self.esrc = array("i", compress(self.esrc, live))
+        self.edst = array("i", compress(self.edst, live))
+
+    def _split(self, joined: str, ids: list[int]) -> tuple[list[str], list[str]]:
+        """Regular lines joined by colons (each has one colon of its own) -> keys and
+        data; every key must be one plain ``local@domain`` of a local domain (else: the
+        general route)."""
+        if not joined:
+            return [], []
+        parts = joined.split(":")
+        keys, datas = parts[0::2], parts[1::2]
+        del parts
+        if len(keys) != len(ids) or len(datas) != len(keys):
+            raise _StepBack
+        joined = "\n".join(keys)
+        domains = _DOMAINS_NL(joined)
+        # one "@" in each key, after a local part, before a local domain (so a valid one)
+        if (joined.count("@") != len(keys) or len(domains) != len(keys)
+                or not all(map(self.local.__contains__, domains))
+                or not _plain(joined) or "\n@" in joined or joined.startswith("@")):
+            raise _StepBack
+        if self.covered_domains:
+            self.covered_keys.extend(compress(zip(ids, keys), map(
+                self.covered_domains.__contains__, domains)))
+        return keys, datas
+
+    def _regular_targets(self, datas: list[str], ids: list[int]) -> tuple[list[str], array]:
+        """Split, check and classify the targets of regular lines (``ids``) in bulk:
+        external ones make their owner a seed; returns the local ones and their owners."""
+        counts = map(operator.add, map(str.count, datas, repeat(",")), repeat(1))
+        owners = list(chain.from_iterable(map(repeat, ids, counts)))
+        joined = _normalise(",".join(datas))
+        datas.clear()
+        if not _plain(joined):
+            raise _StepBack
+        targets = joined.split(",")
+        keep = None
+        if targets.count(""):  # empty items (a trailing comma, no value) are ignored
+            keep = list(map(bool, targets))
+        if "|" in joined or "/" in joined:  # (only in the few lines of the second group)
+            # pipes and files (no "@" in them, as the scanner would see it) are local ends:
+            # counted, then left out
+            ends = list(map(str.startswith, targets, repeat(("|", "/"))))
+            if any(map(operator.contains, compress(targets, ends), repeat("@"))):
+                raise _StepBack
+            self.targets += sum(ends)
+            keep = list(map(operator.not_, ends)) if keep is None else list(
+                map(operator.and_, keep, map(operator.not_, ends)))
+            joined = ",".join(compress(targets, keep))
+        if keep is not None:
+            owners = list(compress(owners, keep))
+            targets = list(compress(targets, keep))
+            del keep
+        domains = _DOMAINS_COMMA(joined)
+        # one "@" in each target, after a local part ("a@b" or bare local parts, which
+        # the key's domain qualifies, take the general route); the domains are checked
+        # below (local ones are valid)
+        if (len(domains) != len(targets) or joined.count("@") != len(targets)
+                or ",@" in joined or joined.startswith("@")):
+            raise _StepBack
+        del joined
+        self.targets += len(targets)
+        local = list(map(self.local.__contains__, domains))
+        external = set(domains).difference(self.local)
+        if self.covered_domains:
+            self.candidates.extend(compress(targets, map(self.covered_domains.__contains__,
+                                                         domains)))
+        del domains
+        if not all(map(sources.is_domain, external)):  # (local domains are valid)
+            raise _StepBack
+        self.seeds.extend(compress(owners, map(operator.not_, local)))
+        return list(compress(targets, local)), array("i", compress(owners, local))
+
+    def _scanned(self, path: str, scanned: list, local_targets: list[str],
+                 local_owners: array) -> None:
+        """The scanner's entries ``(key line, first line, lines)``, read with the general
+        route's own code: keys, wildcards and targets, added to the columns."""
+        if not scanned:
+            return
+        batch = Batch(path)
+        batch.keys = [None] * self.lines
+        try:
+            sources._scan_entries(batch, path, scanned, self.base, "", False,
+                                  self.warnings.append)
+        except ForwardingError:
+            raise _StepBack from None  # the general route reports it
+        base = self.base
+        self.scanned_keys = len(self.keys)  # (where they start in self.keys)
+        for i, key in enumerate(batch.keys):
+            if key is not None:
+                domain = key[key.rfind("@") + 1:]
+                if domain not in self.local:
+                    raise _StepBack  # the general route warns about it
+                self.keys.append(key)
+                self.key_ids.append(base + i)
+                if domain in self.covered_domains:
+                    self.covered_keys.append((base + i, key))
+        entries = list(zip(map(operator.add, batch.owners, repeat(base)), batch.targets))
+        for key, targets, line in batch.wildcards:
+            if key[2:] not in self.covered_domains or key[2:] in self.cover:
+                raise _StepBack  # (not seen as one by _wildcards)
+            self.cover[key[2:]] = line - 1
+            entries.extend(zip(repeat(line - 1), targets))
+        self.targets += len(entries)
+        for owner, target in entries:
+            if target[0] in SPECIAL_START:
+                if target[0] != "\\":
+                    continue  # pipes, files, :blackhole: and the like: local ends
+                target = target[1:]  # \address: no further redirection
+                if "@" in target and target[target.rfind("@") + 1:] not in self.local:
+                    self.seeds.append(owner)  # ... but an external one still leaves
+                continue
+            if "\n" in target:
+                raise _StepBack  # (a quoted local part) could not cross the pipe
+            domain = target[target.rfind("@") + 1:]
+            if domain in self.local:
+                local_targets.append(target)
+                local_owners.append(owner)
+                if domain in self.covered_domains:
+                    self.candidates.append(target)
+            else:
+                self.seeds.append(owner)
+
+    def add_wildcards(self, other: dict[str, int]) -> None:
+        """The other half's wildcards: together, all that _wildcards found."""
+        self.cover.update(other)
+        if self.cover.keys() != self.covered_domains:
+            raise _StepBack
+
+    def resolve_other(self, targets: str, owners: array, candidates: str) -> None:
+        """The other half's leftovers (joined by newlines): edges to keys of this half,
+        or, for a mailbox in a domain with a wildcard, to that wildcard; ``candidates``
+        are the rest of its targets in such domains (the mailboxes among them are noted)."""
+        targets = targets.split("\n") if targets else []
+        found = resolve(self.index, targets, owners, self.esrc, self.edst)
+        if not self.cover:
+            return
+        missing = list(map(operator.not_, found))
+        targets = list(compress(targets, missing))
+        owners = array("i", compress(owners, missing))
+        wild = list(map(self.cover.get, map(itemgetter(2), map(
+            str.rpartition, targets, repeat("@")))))
+        covered = list(map(operator.is_not, wild, repeat(None)))
+        self.esrc.extend(compress(owners, covered))
+        self.edst.extend(compress(wild, covered))
+        self.covered.extend(compress(targets, covered))
+        self.covered_nodes.extend(compress(wild, covered))
+        candidates = candidates.split("\n") if candidates else []
+        mailboxes = list(compress(candidates, map(operator.not_, map(
+            self.index.__contains__, candidates))))
+        self.covered.extend(mailboxes)
+        self.covered_nodes.extend(map(self.cover.__getitem__, map(itemgetter(2), map(
+            str.rpartition, mailboxes, repeat("@")))))
+
+    def names(self, reached: bytearray) -> tuple[list[str], list[str], list[str], list[str]]:
+        """This half's forwarding keys (sorted); the mailboxes it found under a forwarding
+        wildcard (the general route lists them too); those of both that may not be
+        writable to the map (only the scanner's may have white space or ``#``); and its
+        over-match warnings, in line order."""
+        is_reached = list(map(reached.__getitem__, self.key_ids))
+        keys = sorted(compress(self.keys, is_reached))
+        mailboxes = list(compress(self.covered, map(reached.__getitem__, self.covered_nodes)))
+        suspects = list(compress(self.keys[self.scanned_keys:],
+                                 is_reached[self.scanned_keys:])) + mailboxes
+        domains = {d for d, node in self.cover.items() if reached[node]}
+        over = sorted((node, key) for node, key in self.covered_keys if not reached[node]
+                      and key[key.rfind("@") + 1:] in domains)
+        return keys, mailboxes, suspects, [over_match_warning(key, key[key.rfind("@") + 1:])
+                                           for _node, key in over]
+
+
+def _char_lines(text: str, *char_sets: str) -> tuple[set[int], ...]:
+    """Per set of characters, the 0-based numbers of the lines of ``text`` with any of
+    them (rare characters: find() skips to each at memchr speed, much faster than a regex
+    scan)."""
+    places = []
+    for k, chars in enumerate(char_sets):
+        for char in chars:
+            pos = text.find(char)
+            while pos >= 0:
+                places.append((pos, k))
+                pos = text.find("\n", pos)  # one per line is enough
+                if pos < 0:
+                    break
+                pos = text.find(char, pos)
+    out: tuple[set[int], ...] = tuple(set() for _ in char_sets)
+    line = last = 0
+    for pos, k in sorted(places):
+        line += text.count("\n", last, pos)
+        last = pos
+        out[k].add(line)
+    return out
+
+
+def _line_kinds(lines: list[str], scan_lines: set[int], end_lines: set[int]
+                ) -> tuple[list[bool], list[int], dict[int, list[int]]]:
+    """Sort the lines for the three ways of reading them:
+
+    - *regular* key lines (``key: a@x, b@y``: one colon, none of the scanner's characters,
+      not a wildcard), as a mask;
+    - regular key lines that have pipes or files (``|`` or ``/``) too, as a list;
+    - the scanner's entries: ``{key line: [first, last]}``, a key line with its
+      continuation lines.
+
+    A regular key line's plain continuations (no colon, no scanner character) are appended
+    to it here, joined with one blank as Exim joins them; any other continuation makes the
+    whole entry the scanner's (sources._parse_part reads lines the same way).
+
+    ``scan_lines`` are the lines with a scanner character (``#``, ``"`` and ``*`` among
+    them), ``end_lines`` those with ``|`` or ``/``.  The only other lines that start with
+    an unusual character are empty, or start with white space: those without one colon
+    are caught here, those with one end up with white space in their key, which
+    _Half._split refuses.
+    """
+    irregular = list(map(operator.ne, map(str.count, lines, repeat(":")), repeat(1)))
+    for i in scan_lines:
+        irregular[i] = True
+    ends = set(end_lines)
+    entries: dict[int, list[int]] = {}
+    joined: dict[int, list[str]] = {}  # regular key line -> its text and continuations
+    cur = -1  # the entry that continuation lines extend
+    plain = False  # ... and whether it is still a regular one
+    last = -2  # the previous irregular line
+    for i in compress(range(len(lines)), list(irregular)):
+        if last != i - 1 and i > 0:
+            cur, plain = i - 1, True  # the line before was a regular key line
+        last = i
+        line = lines[i]
+        c = line[:1]
+        if not c or c == "#":
+            cur = -1  # empty and comment lines end continuations (Exim)
+            continue
+        if c in sources._WS:
+            if cur < 0:
+                continue  # after a comment or empty line: ignored (Exim)
+            stripped = line.strip()
+            if not stripped:
+                cur = -1
+            elif plain and i not in scan_lines and ":" not in stripped:
+                joined.setdefault(cur, [lines[cur].rstrip()]).append(stripped)
+                if i in end_lines:
+                    ends.add(cur)
+            elif plain:  # a continuation that needs the scanner: so does the entry
+                entries[cur] = [cur, i]
+                irregular[cur] = True
+                joined.pop(cur, None)
+                plain = False
+            else:
+                entries[cur][1] = i
+            continue
+        entries[i] = [i, i]
+        cur, plain = i, False
+    for i, parts in joined.items():  # (the scanner's entries need the lines unchanged)
+        lines[i] = " ".join(parts)
+    ends = sorted(i for i in ends if not irregular[i])
+    for i in ends:
+        irregular[i] = True  # (for the mask of the first kind)
+    return list(map(operator.not_, irregular)), ends, entries
+
+
+def _plain(joined: str) -> bool:
+    """None of ``_BAD_CHARS`` in ``joined`` (one ``in`` -- a memchr -- each is several
+    times faster than a regex's scan of megabytes)."""
+    return not any(map(joined.__contains__, _BAD_CHARS))
+
+
+def _normalise(joined: str) -> str:
+    """``a@x, b@y ,c@z`` -> ``a@x,b@y,c@z`` (and no blanks at either end)."""
+    joined = joined.strip(" \t").replace(", ", ",")
+    if " " in joined or "\t" in joined:  # more blanks, or blanks before a comma
+        joined = sources._COMMA_SPACE.sub(",", joined)
+    return joined
+
+
+def resolve(index: dict[str, int], targets: list[str], owners: array, esrc: array,
+            edst: array) -> list[bool]:
+    """Append an edge ``owner -> index[target]`` for each target that is a key; returns
+    per target whether it was one."""
+    ids = list(map(index.get, targets))
+    found = list(map(operator.is_not, ids, repeat(None)))
+    esrc.extend(compress(owners, found))
+    edst.extend(compress(ids, found))
+    return found
+
+
+# ------------------------------------------------------------------- processes --
+def _two_halves(path: str, box: list[bytes], local: frozenset[str],
+                warnings: GraphBuilder, min_lines: int) -> MapData:
+    raw = box.pop()
+    split = _split_point(raw)
+    base = raw.count(b"\n", 0, split)
+    if not split or base < min_lines * (1 - CHILD_SHARE):  # (no need to count them all)
+        raise _StepBack
+    covered = _wildcards(raw, local)
+    ctx = multiprocessing.get_context("fork")
+    conn, child_conn = ctx.Pipe()
+    args = [raw]
+    proc = ctx.Process(target=_child, daemon=True,
+                       args=(child_conn, path, args, split, base, local, covered))
+    try:
+        proc.start()
+    except (OSError, AssertionError):  # no fork possible (or we are a daemonic process)
+        conn.close()
+        child_conn.close()
+        raise _StepBack from None
+    args.clear()  # the child has its own copy; ours would keep the whole text alive
+    child_conn.close()
+    try:
+        head = raw[:split]
+        del raw
+        half = _Half(path, head, 0, local, covered)
+        del head
+        _tag, targets, owners, candidates, wild = _receive(conn)
+        _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
+                     "\n".join(half.candidates), half.cover,
+                     array("q", map(hash, half.keys))))
+        half.unresolved = half.candidates = []
+        half.add_wildcards(wild)
+        half.resolve_other(targets, owners, candidates)
+        del targets, owners, candidates
+        (_tag, lines, keys, targets, esrc, edst, reached, scan_warnings) = _receive(conn)
+        n = half.lines + lines
+        half.reached.extend(reached)  # the child's mask covers the lines from base on
+        del reached
+        half.esrc.extend(esrc)
+        half.edst.extend(edst)
+        del esrc, edst
+        seeds = compress(half.edst, map(half.reached.__getitem__, half.edst))
+        reached = reach(n, half.esrc, half.edst, seeds, half.reached)
+        _send(conn, ("reached", reached))
+        names, mailboxes, suspects, over = half.names(reached)
+        half.index = {}  # (freed while the child still works)
+        _tag, other_names, other_mailboxes, other_suspects, other_over = _receive(conn)
+    finally:
+        conn.close()
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(10)
+    for message in chain(half.warnings, scan_warnings):
+        warnings.warn(message)
+    names.extend(other_names.split("\n") if other_names else [])
+    del other_names
+    names.extend(set(mailboxes).union(other_mailboxes))
+    names.extend(f"@{d}" for d, node in half.cover.items() if reached[node])
+    out = writable(sorted(names), warnings.warn,  # (mostly two sorted runs: a merge)
+                   chain(suspects, other_suspects))
+    del names
+    warnings.warn_all(over)
+    warnings.warn_all(other_over)
+    aliases = len(half.keys) + keys + len(half.cover)
+    return MapData(out, aliases, half.targets + targets, 1, tuple(warnings.warnings),
+                   warnings.warning_count)
+
+
+def _send(conn, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # the other process is gone (it stepped back, or died)
+        raise _StepBack from None
+
+
+def _receive(conn) -> tuple:
+    if not conn.poll(sources.PARALLEL_DEADLINE):
+        raise _StepBack
+    try:
+        answer = conn.recv()
+    except EOFError:  # the child died
+        raise _StepBack from None
+    if answer[0] == "step back":
+        raise _StepBack
+    return answer
+
+
+def _child(conn, path: str, args: list[bytes], split: int, base: int,
+           local: frozenset[str], covered: frozenset[str]) -> None:
+    """The second half (see the module docstring).  It sends ``("unresolved", ...)``;
+    given the parent's, ``("edges", ...)``; given the final mask, ``("names", ...)``; or at
+    any point ``("step back", ...)``."""
+    try:
+        half = _Half(path, args.pop()[split:], base, local, covered)
+        _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
+                     "\n".join(half.candidates), half.cover))
+        half.unresolved = half.candidates = []
+        _tag, targets, owners, candidates, wild, parent_hashes = conn.recv()
+        half.add_wildcards(wild)
+        half.resolve_other(targets, owners, candidates)
+        del targets, owners, candidates
+        _send(conn, ("edges", half.lines, len(half.keys), half.targets, half.esrc,
+                     half.edst, half.reached[base:], half.warnings))
+        # While the parent searches: a key in both halves?  The general route warns about
+        # it (and the edges above may be wrong then, so nothing of this route is used).
+        # Equal keys have equal hashes (a forked process has the parent's hash seed): a
+        # hash in both halves steps back, be it a duplicate or, once in a blue moon, two
+        # keys with the same hash.
+        if not set(parent_hashes).isdisjoint(map(hash, half.keys)):
+            raise _StepBack
+        del parent_hashes
+        half.index = {}
+        _tag, reached = conn.recv()
+        names, mailboxes, suspects, over = half.names(reached)
+        _send(conn, ("names", "\n".join(names), mailboxes, suspects, over))
+    except _StepBack:
+        _last_word(conn, ("step back",))
+    except Exception as exc:  # the general route meets it again and reports it
+        _last_word(conn, ("step back", repr(exc)))
+    finally:
+        conn.close()
+
+
+def _last_word(conn, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:
+        pass  # the parent stepped back already
