@@ -65,14 +65,17 @@ class _StepBack(Exception):
 
 
 def map_data(config: ForwardingConfig, local: frozenset[str], warnings: GraphBuilder, *,
-             min_lines: int = MIN_LINES) -> MapData | None:
+             min_lines: int = MIN_LINES, insist: bool = False) -> MapData | None:
     """The map of ``config``'s single lsearch source, or None when the general route must
-    build it.  ``warnings`` already holds the warnings of reading the local domains."""
+    build it.  ``warnings`` already holds the warnings of reading the local domains.
+
+    The route forks, so it is not taken while other threads run: fork() copies only the
+    calling thread, and a lock another thread holds would stay locked in the child.
+    ``insist`` forks anyway (for tests, whose fixtures run threads; the child runs only
+    this module's code, as sources.parse_lsearch's second process does)."""
     if (len(config.sources) != 1 or config.case_sensitive_local_parts
             or config.sources[0].type != "lsearch" or config.sources[0].domain
-            # fork() copies only the calling thread: a lock another thread holds would
-            # stay locked in the child forever
-            or threading.active_count() > 1
+            or (threading.active_count() > 1 and not insist)
             or "fork" not in multiprocessing.get_all_start_methods()):
         return None
     path = config.sources[0].path
