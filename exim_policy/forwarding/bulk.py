@@ -142,8 +142,10 @@ def _split_point(raw: bytes) -> int:
 class _Half:
     """One half of the file: parsed, indexed, resolved against itself and searched."""
 
-    def __init__(self, path: str, raw: bytes, base: int, local: frozenset[str],
+    def __init__(self, path: str, box: list[bytes], base: int, local: frozenset[str],
                  covered: frozenset[str]) -> None:
+        """``box``: a one-item list with the half's bytes (emptied, so that they can be
+        freed early)."""
         self.base = base
         self.local = local
         self.covered_domains = covered
@@ -160,8 +162,7 @@ class _Half:
         #: mailboxes in a domain with a wildcard (forwarding when their wildcard does)
         self.covered: list[str] = []
         self.covered_nodes = array("i")
-        text = raw.lower().decode("ascii")  # ASCII only (as the map compares)
-        del raw
+        text = box.pop().lower().decode("ascii")  # ASCII only (as the map compares)
         scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, "|/")
         lines = text.split("\n")
         del text
@@ -169,16 +170,23 @@ class _Half:
             lines.pop()  # the newline that ends the last line
         self.lines = len(lines)
         regular, ends, entries = _line_kinds(lines, scan_lines, end_lines)
+        # the two groups of regular lines, each joined by colons, and the scanner's entries
+        groups = [(list(compress(range(base, base + len(lines)), regular)),
+                   ":".join(compress(lines, regular))),
+                  ([base + i for i in ends], ":".join(map(lines.__getitem__, ends)))]
+        scanned = [(i, first, lines[first:last + 1]) for i, (first, last) in entries.items()]
+        del lines, regular, ends, entries
+        if any(":include:" in line for _i, _first, text in scanned for line in text):
+            raise _StepBack  # (its file name was lower-cased here)
         self.keys: list[str] = []
         self.key_ids: list[int] = []  # (a list: the index shares its int objects)
         self.scanned_keys = 0  # where the scanner's keys start in self.keys
         local_targets: list[str] = []
         local_owners = array("i")
-        for ids, group in ((compress(range(base, base + len(lines)), regular),
-                            compress(lines, regular)),
-                           (map(operator.add, ends, repeat(base)), map(lines.__getitem__, ends))):
-            ids = list(ids)
-            keys, datas = self._split(":".join(group), ids)
+        while groups:
+            ids, joined = groups.pop(0)
+            keys, datas = self._split(joined, ids)
+            del joined
             targets, owners = self._regular_targets(datas, ids)
             del datas
             self.keys.extend(keys)
@@ -186,11 +194,6 @@ class _Half:
             local_targets.extend(targets)
             local_owners.extend(owners)
             del keys, ids, targets, owners
-        del regular, ends
-        scanned = [(i, first, lines[first:last + 1]) for i, (first, last) in entries.items()]
-        del lines, entries
-        if any(":include:" in line for _i, _first, text in scanned for line in text):
-            raise _StepBack  # (its file name was lower-cased here)
         self._scanned(path, scanned, local_targets, local_owners)
         del scanned
         self.index = dict(zip(self.keys, self.key_ids))
@@ -531,10 +534,9 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
     args.clear()  # the child has its own copy; ours would keep the whole text alive
     child_conn.close()
     try:
-        head = raw[:split]
+        head = [raw[:split]]
         del raw
         half = _Half(path, head, 0, local, covered)
-        del head
         _tag, targets, owners, candidates, wild = _receive(conn)
         _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
                      "\n".join(half.candidates), half.cover,
@@ -602,7 +604,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
     given the parent's, ``("edges", ...)``; given the final mask, ``("names", ...)``; or at
     any point ``("step back", ...)``."""
     try:
-        half = _Half(path, args.pop()[split:], base, local, covered)
+        half = _Half(path, [args.pop()[split:]], base, local, covered)
         _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
                      "\n".join(half.candidates), half.cover))
         half.unresolved = half.candidates = []
