@@ -52,12 +52,14 @@ MIN_LINES = sources.PARALLEL_MIN_LINES
 
 #: lines with these go to the item scanner (pipes and files, also scanner characters in
 #: the general route, are plain items here: see _Half._regular_targets)
-_SCAN_CHARS = '"\\<(#*'
+_SCAN_CHARS = b'"\\<(#*'
 #: characters that no key or target in a regular line may contain (white space, what
-#: the scanner characters leave of sources._BAD_CHARS)
-_BAD_CHARS = " \t\r\f\v;>)[]"
-_DOMAINS_NL = re.compile(r"@([^\n]*)").findall
-_DOMAINS_COMMA = re.compile(r"@([^,]*)").findall
+#: the scanner characters leave of sources._BAD_CHARS), one bytes object each
+_BAD_CHARS = [bytes([c]) for c in b" \t\r\f\v;>)[]"]
+_WHITE_SPACE = frozenset(bytes([c]) for c in sources._WS.encode())
+_COMMA_SPACE = re.compile(rb"[ \t]*,[ \t]*")
+_DOMAINS_NL = re.compile(rb"@([^\n]*)").findall
+_DOMAINS_COMMA = re.compile(rb"@([^,]*)").findall
 
 
 class _StepBack(Exception):
@@ -134,13 +136,23 @@ _ENTRY_START = re.compile(rb"\n(?=[^\s#])")
 CHILD_SHARE = 0.5
 
 
+#: bulk passes over each half's edges before the swap (see _head_start; measured: two
+#: leave about 40 % of the edges for the parent's search, more passes save less than
+#: they cost)
+HEAD_START_ROUNDS = 2
+
+
 def _split_point(raw: bytes) -> int:
     m = _ENTRY_START.search(raw, int(len(raw) * (1 - CHILD_SHARE)))
     return m.start() + 1 if m else 0
 
 
 class _Half:
-    """One half of the file: parsed, indexed, resolved against itself and searched."""
+    """One half of the file: parsed, indexed, resolved against itself and searched.
+
+    It works on bytes, not text (the file is ASCII): bytes objects are smaller, and a
+    million of them are split, hashed and looked up faster (measured: 15 % for this
+    class).  Only the scanner's entries, a few domains and the output are decoded."""
 
     def __init__(self, path: str, box: list[bytes], base: int, local: frozenset[str],
                  covered: frozenset[str]) -> None:
@@ -148,23 +160,24 @@ class _Half:
         freed early)."""
         self.base = base
         self.local = local
-        self.covered_domains = covered
+        self.local_b = _ascii_set(local)
+        self.covered_b = _ascii_set(covered)
         #: ``*@domain`` -> its node (line), for the wildcards of this half, then (once the
         #: halves have swapped theirs, see :meth:`add_wildcards`) of the whole file
-        self.cover: dict[str, int] = {}
+        self.cover: dict[bytes, int] = {}
         self.warnings: list[str] = []  # the scanner's
         self.targets = 0  # targets read
         self.seeds = array("i")
         self.esrc, self.edst = array("i"), array("i")
-        self.candidates: list[str] = []  # local targets in a domain with a wildcard
+        self.candidates: list[bytes] = []  # local targets in a domain with a wildcard
         #: ``(node, key)`` of the keys in a domain with a wildcard (see :meth:`names`)
-        self.covered_keys: list[tuple[int, str]] = []
+        self.covered_keys: list[tuple[int, bytes]] = []
         #: mailboxes in a domain with a wildcard (forwarding when their wildcard does)
-        self.covered: list[str] = []
+        self.covered: list[bytes] = []
         self.covered_nodes = array("i")
-        text = box.pop().lower().decode("ascii")  # ASCII only (as the map compares)
-        scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, "|/")
-        lines = text.split("\n")
+        text = box.pop().lower()  # ASCII only (as the map compares)
+        scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, b"|/")
+        lines = text.split(b"\n")
         del text
         if lines and not lines[-1]:
             lines.pop()  # the newline that ends the last line
@@ -172,16 +185,17 @@ class _Half:
         regular, ends, entries = _line_kinds(lines, scan_lines, end_lines)
         # the two groups of regular lines, each joined by colons, and the scanner's entries
         groups = [(list(compress(range(base, base + len(lines)), regular)),
-                   ":".join(compress(lines, regular))),
-                  ([base + i for i in ends], ":".join(map(lines.__getitem__, ends)))]
-        scanned = [(i, first, lines[first:last + 1]) for i, (first, last) in entries.items()]
+                   b":".join(compress(lines, regular))),
+                  ([base + i for i in ends], b":".join(map(lines.__getitem__, ends)))]
+        scanned = [(i, first, [line.decode("ascii") for line in lines[first:last + 1]])
+                   for i, (first, last) in entries.items()]
         del lines, regular, ends, entries
         if any(":include:" in line for _i, _first, text in scanned for line in text):
             raise _StepBack  # (its file name was lower-cased here)
-        self.keys: list[str] = []
+        self.keys: list[bytes] = []
         self.key_ids: list[int] = []  # (a list: the index shares its int objects)
         self.scanned_keys = 0  # where the scanner's keys start in self.keys
-        local_targets: list[str] = []
+        local_targets: list[bytes] = []
         local_owners = array("i")
         while groups:
             ids, joined = groups.pop(0)
@@ -218,63 +232,61 @@ class _Half:
         targets = list(compress(targets, missing))
         owners = array("i", compress(owners, missing))
         del missing
-        self.reached = reach(base + self.lines, self.esrc, self.edst, self.seeds)
+        self.reached, self.esrc, self.edst = _head_start(base + self.lines, self.esrc,
+                                                         self.edst, self.seeds)
         # what is left for the other half: targets without a key here, of owners that do
-        # not forward yet; and of the edges only those whose owner may still come to
+        # not forward yet
         live = list(map(operator.not_, map(self.reached.__getitem__, owners)))
         self.unresolved = list(compress(targets, live))
         self.unresolved_owners = array("i", compress(owners, live))
-        del targets, owners
-        live = list(map(operator.not_, map(self.reached.__getitem__, self.esrc)))
-        self.esrc = array("i", compress(self.esrc, live))
-        self.edst = array("i", compress(self.edst, live))
 
-    def _split(self, joined: str, ids: list[int]) -> tuple[list[str], list[str]]:
+    def _split(self, joined: bytes, ids: list[int]) -> tuple[list[bytes], list[bytes]]:
         """Regular lines joined by colons (each has one colon of its own) -> keys and
         data; every key must be one plain ``local@domain`` of a local domain (else: the
         general route)."""
         if not joined:
             return [], []
-        parts = joined.split(":")
+        parts = joined.split(b":")
         keys, datas = parts[0::2], parts[1::2]
         del parts
         if len(keys) != len(ids) or len(datas) != len(keys):
             raise _StepBack
-        joined = "\n".join(keys)
+        joined = b"\n".join(keys)
         domains = _DOMAINS_NL(joined)
         # one "@" in each key, after a local part, before a local domain (so a valid one)
-        if (joined.count("@") != len(keys) or len(domains) != len(keys)
-                or not all(map(self.local.__contains__, domains))
-                or not _plain(joined) or "\n@" in joined or joined.startswith("@")):
+        if (joined.count(b"@") != len(keys) or len(domains) != len(keys)
+                or not all(map(self.local_b.__contains__, domains))
+                or not _plain(joined) or b"\n@" in joined or joined.startswith(b"@")):
             raise _StepBack
-        if self.covered_domains:
+        if self.covered_b:
             self.covered_keys.extend(compress(zip(ids, keys), map(
-                self.covered_domains.__contains__, domains)))
+                self.covered_b.__contains__, domains)))
         return keys, datas
 
-    def _regular_targets(self, datas: list[str], ids: list[int]) -> tuple[list[str], array]:
+    def _regular_targets(self, datas: list[bytes], ids: list[int]
+                         ) -> tuple[list[bytes], array]:
         """Split, check and classify the targets of regular lines (``ids``) in bulk:
         external ones make their owner a seed; returns the local ones and their owners."""
-        counts = map(operator.add, map(str.count, datas, repeat(",")), repeat(1))
+        counts = map(operator.add, map(bytes.count, datas, repeat(b",")), repeat(1))
         owners = list(chain.from_iterable(map(repeat, ids, counts)))
-        joined = _normalise(",".join(datas))
+        joined = _normalise(b",".join(datas))
         datas.clear()
         if not _plain(joined):
             raise _StepBack
-        targets = joined.split(",")
+        targets = joined.split(b",")
         keep = None
-        if targets.count(""):  # empty items (a trailing comma, no value) are ignored
+        if targets.count(b""):  # empty items (a trailing comma, no value) are ignored
             keep = list(map(bool, targets))
-        if "|" in joined or "/" in joined:  # (only in the few lines of the second group)
+        if b"|" in joined or b"/" in joined:  # (only in the few lines of the second group)
             # pipes and files (no "@" in them, as the scanner would see it) are local ends:
             # counted, then left out
-            ends = list(map(str.startswith, targets, repeat(("|", "/"))))
-            if any(map(operator.contains, compress(targets, ends), repeat("@"))):
+            ends = list(map(bytes.startswith, targets, repeat((b"|", b"/"))))
+            if any(map(operator.contains, compress(targets, ends), repeat(b"@"))):
                 raise _StepBack
             self.targets += sum(ends)
             keep = list(map(operator.not_, ends)) if keep is None else list(
                 map(operator.and_, keep, map(operator.not_, ends)))
-            joined = ",".join(compress(targets, keep))
+            joined = b",".join(compress(targets, keep))
         if keep is not None:
             owners = list(compress(owners, keep))
             targets = list(compress(targets, keep))
@@ -283,23 +295,23 @@ class _Half:
         # one "@" in each target, after a local part ("a@b" or bare local parts, which
         # the key's domain qualifies, take the general route); the domains are checked
         # below (local ones are valid)
-        if (len(domains) != len(targets) or joined.count("@") != len(targets)
-                or ",@" in joined or joined.startswith("@")):
+        if (len(domains) != len(targets) or joined.count(b"@") != len(targets)
+                or b",@" in joined or joined.startswith(b"@")):
             raise _StepBack
         del joined
         self.targets += len(targets)
-        local = list(map(self.local.__contains__, domains))
-        external = set(domains).difference(self.local)
-        if self.covered_domains:
-            self.candidates.extend(compress(targets, map(self.covered_domains.__contains__,
+        local = list(map(self.local_b.__contains__, domains))
+        external = set(domains).difference(self.local_b)
+        if self.covered_b:
+            self.candidates.extend(compress(targets, map(self.covered_b.__contains__,
                                                          domains)))
         del domains
-        if not all(map(sources.is_domain, external)):  # (local domains are valid)
-            raise _StepBack
+        if not all(map(sources.is_domain, map(bytes.decode, external))):
+            raise _StepBack  # (local domains are valid)
         self.seeds.extend(compress(owners, map(operator.not_, local)))
         return list(compress(targets, local)), array("i", compress(owners, local))
 
-    def _scanned(self, path: str, scanned: list, local_targets: list[str],
+    def _scanned(self, path: str, scanned: list, local_targets: list[bytes],
                  local_owners: array) -> None:
         """The scanner's entries ``(key line, first line, lines)``, read with the general
         route's own code: keys, wildcards and targets, added to the columns."""
@@ -319,15 +331,17 @@ class _Half:
                 domain = key[key.rfind("@") + 1:]
                 if domain not in self.local:
                     raise _StepBack  # the general route warns about it
+                key = _ascii(key)
                 self.keys.append(key)
                 self.key_ids.append(base + i)
-                if domain in self.covered_domains:
+                if key[key.rfind(b"@") + 1:] in self.covered_b:
                     self.covered_keys.append((base + i, key))
         entries = list(zip(map(operator.add, batch.owners, repeat(base)), batch.targets))
         for key, targets, line in batch.wildcards:
-            if key[2:] not in self.covered_domains or key[2:] in self.cover:
+            domain = _ascii(key[2:])
+            if domain not in self.covered_b or domain in self.cover:
                 raise _StepBack  # (not seen as one by _wildcards)
-            self.cover[key[2:]] = line - 1
+            self.cover[domain] = line - 1
             entries.extend(zip(repeat(line - 1), targets))
         self.targets += len(entries)
         for owner, target in entries:
@@ -338,28 +352,29 @@ class _Half:
                 if "@" in target and target[target.rfind("@") + 1:] not in self.local:
                     self.seeds.append(owner)  # ... but an external one still leaves
                 continue
-            if "\n" in target:
-                raise _StepBack  # (a quoted local part) could not cross the pipe
             domain = target[target.rfind("@") + 1:]
-            if domain in self.local:
-                local_targets.append(target)
-                local_owners.append(owner)
-                if domain in self.covered_domains:
-                    self.candidates.append(target)
-            else:
+            if domain not in self.local:
                 self.seeds.append(owner)
+                continue
+            target = _ascii(target)
+            if b"\n" in target:
+                raise _StepBack  # (a quoted local part) could not cross the pipe
+            local_targets.append(target)
+            local_owners.append(owner)
+            if target[target.rfind(b"@") + 1:] in self.covered_b:
+                self.candidates.append(target)
 
-    def add_wildcards(self, other: dict[str, int]) -> None:
+    def add_wildcards(self, other: dict[bytes, int]) -> None:
         """The other half's wildcards: together, all that _wildcards found."""
         self.cover.update(other)
-        if self.cover.keys() != self.covered_domains:
+        if self.cover.keys() != self.covered_b:
             raise _StepBack
 
-    def resolve_other(self, targets: str, owners: array, candidates: str) -> None:
+    def resolve_other(self, targets: bytes, owners: array, candidates: bytes) -> None:
         """The other half's leftovers (joined by newlines): edges to keys of this half,
         or, for a mailbox in a domain with a wildcard, to that wildcard; ``candidates``
         are the rest of its targets in such domains (the mailboxes among them are noted)."""
-        targets = targets.split("\n") if targets else []
+        targets = targets.split(b"\n") if targets else []
         found = resolve(self.index, targets, owners, self.esrc, self.edst)
         if not self.cover:
             return
@@ -367,37 +382,72 @@ class _Half:
         targets = list(compress(targets, missing))
         owners = array("i", compress(owners, missing))
         wild = list(map(self.cover.get, map(itemgetter(2), map(
-            str.rpartition, targets, repeat("@")))))
+            bytes.rpartition, targets, repeat(b"@")))))
         covered = list(map(operator.is_not, wild, repeat(None)))
         self.esrc.extend(compress(owners, covered))
         self.edst.extend(compress(wild, covered))
         self.covered.extend(compress(targets, covered))
         self.covered_nodes.extend(compress(wild, covered))
-        candidates = candidates.split("\n") if candidates else []
+        candidates = candidates.split(b"\n") if candidates else []
         mailboxes = list(compress(candidates, map(operator.not_, map(
             self.index.__contains__, candidates))))
         self.covered.extend(mailboxes)
         self.covered_nodes.extend(map(self.cover.__getitem__, map(itemgetter(2), map(
-            str.rpartition, mailboxes, repeat("@")))))
+            bytes.rpartition, mailboxes, repeat(b"@")))))
 
-    def names(self, reached: bytearray) -> tuple[list[str], list[str], list[str], list[str]]:
-        """This half's forwarding keys (sorted); the mailboxes it found under a forwarding
-        wildcard (the general route lists them too); those of both that may not be
-        writable to the map (only the scanner's may have white space or ``#``); and its
-        over-match warnings, in line order."""
+    def names(self, reached: bytearray) -> tuple[bytes, list[str], list[str], list[str]]:
+        """This half's forwarding keys (sorted, joined by newlines); the mailboxes it found
+        under a forwarding wildcard (the general route lists them too); those of both that
+        may not be writable to the map (only the scanner's may have white space or
+        ``#``); and its over-match warnings, in line order."""
         is_reached = list(map(reached.__getitem__, self.key_ids))
-        keys = sorted(compress(self.keys, is_reached))
-        mailboxes = list(compress(self.covered, map(reached.__getitem__, self.covered_nodes)))
-        suspects = list(compress(self.keys[self.scanned_keys:],
-                                 is_reached[self.scanned_keys:])) + mailboxes
+        keys = b"\n".join(sorted(compress(self.keys, is_reached)))
+        mailboxes = [m.decode() for m in compress(self.covered,
+                                                  map(reached.__getitem__, self.covered_nodes))]
+        suspects = [k.decode() for k in compress(self.keys[self.scanned_keys:],
+                                                 is_reached[self.scanned_keys:])] + mailboxes
         domains = {d for d, node in self.cover.items() if reached[node]}
-        over = sorted((node, key) for node, key in self.covered_keys if not reached[node]
-                      and key[key.rfind("@") + 1:] in domains)
+        over = sorted((node, key.decode()) for node, key in self.covered_keys
+                      if not reached[node] and key[key.rfind(b"@") + 1:] in domains)
         return keys, mailboxes, suspects, [over_match_warning(key, key[key.rfind("@") + 1:])
                                            for _node, key in over]
 
 
-def _char_lines(text: str, *char_sets: str) -> tuple[set[int], ...]:
+def _head_start(n: int, esrc: array, edst: array, seeds: array,
+                rounds: int = HEAD_START_ROUNDS) -> tuple[bytearray, array, array]:
+    """A head start on the search (the parent finishes it with graph.reach): the 0/1
+    mask of the nodes known to forward after ``rounds`` bulk passes over the edges, each
+    marking the owners of the edges into marked nodes, and the edges whose owner is not
+    marked yet.  Most owners are marked in the first passes, and a pass is much cheaper
+    than building the reverse adjacency that graph.reach needs for the rest.  (No edge
+    leaves a seed: the caller looked up only the targets of other owners.)"""
+    reached = bytearray(n)
+    one = repeat(1)
+    collections.deque(map(reached.__setitem__, seeds, one), maxlen=0)
+    for _ in range(rounds):
+        hit = list(compress(esrc, map(reached.__getitem__, edst)))
+        if not hit:
+            break
+        collections.deque(map(reached.__setitem__, hit, one), maxlen=0)
+        live = list(map(operator.not_, map(reached.__getitem__, esrc)))
+        esrc = array("i", compress(esrc, live))
+        edst = array("i", compress(edst, live))
+    return reached, esrc, edst
+
+
+def _ascii(text: str) -> bytes:
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError:  # (an escape in a quoted key or address)
+        raise _StepBack from None
+
+
+def _ascii_set(names: frozenset[str]) -> frozenset[bytes]:
+    """``names`` as bytes (those that are not ASCII cannot be in an ASCII file)."""
+    return frozenset(n.encode("ascii") for n in names if n.isascii())
+
+
+def _char_lines(text: bytes, *char_sets: bytes) -> tuple[set[int], ...]:
     """Per set of characters, the 0-based numbers of the lines of ``text`` with any of
     them (rare characters: find() skips to each at memchr speed, much faster than a regex
     scan)."""
@@ -407,20 +457,20 @@ def _char_lines(text: str, *char_sets: str) -> tuple[set[int], ...]:
             pos = text.find(char)
             while pos >= 0:
                 places.append((pos, k))
-                pos = text.find("\n", pos)  # one per line is enough
+                pos = text.find(10, pos)  # one per line is enough
                 if pos < 0:
                     break
                 pos = text.find(char, pos)
     out: tuple[set[int], ...] = tuple(set() for _ in char_sets)
     line = last = 0
     for pos, k in sorted(places):
-        line += text.count("\n", last, pos)
+        line += text.count(b"\n", last, pos)
         last = pos
         out[k].add(line)
     return out
 
 
-def _line_kinds(lines: list[str], scan_lines: set[int], end_lines: set[int]
+def _line_kinds(lines: list[bytes], scan_lines: set[int], end_lines: set[int]
                 ) -> tuple[list[bool], list[int], dict[int, list[int]]]:
     """Sort the lines for the three ways of reading them:
 
@@ -440,12 +490,12 @@ def _line_kinds(lines: list[str], scan_lines: set[int], end_lines: set[int]
     are caught here, those with one end up with white space in their key, which
     _Half._split refuses.
     """
-    irregular = list(map(operator.ne, map(str.count, lines, repeat(":")), repeat(1)))
+    irregular = list(map(operator.ne, map(bytes.count, lines, repeat(b":")), repeat(1)))
     for i in scan_lines:
         irregular[i] = True
     ends = set(end_lines)
     entries: dict[int, list[int]] = {}
-    joined: dict[int, list[str]] = {}  # regular key line -> its text and continuations
+    joined: dict[int, list[bytes]] = {}  # regular key line -> its text and continuations
     cur = -1  # the entry that continuation lines extend
     plain = False  # ... and whether it is still a regular one
     last = -2  # the previous irregular line
@@ -455,16 +505,16 @@ def _line_kinds(lines: list[str], scan_lines: set[int], end_lines: set[int]
         last = i
         line = lines[i]
         c = line[:1]
-        if not c or c == "#":
+        if not c or c == b"#":
             cur = -1  # empty and comment lines end continuations (Exim)
             continue
-        if c in sources._WS:
+        if c in _WHITE_SPACE:
             if cur < 0:
                 continue  # after a comment or empty line: ignored (Exim)
             stripped = line.strip()
             if not stripped:
                 cur = -1
-            elif plain and i not in scan_lines and ":" not in stripped:
+            elif plain and i not in scan_lines and b":" not in stripped:
                 joined.setdefault(cur, [lines[cur].rstrip()]).append(stripped)
                 if i in end_lines:
                     ends.add(cur)
@@ -479,28 +529,28 @@ def _line_kinds(lines: list[str], scan_lines: set[int], end_lines: set[int]
         entries[i] = [i, i]
         cur, plain = i, False
     for i, parts in joined.items():  # (the scanner's entries need the lines unchanged)
-        lines[i] = " ".join(parts)
+        lines[i] = b" ".join(parts)
     ends = sorted(i for i in ends if not irregular[i])
     for i in ends:
         irregular[i] = True  # (for the mask of the first kind)
     return list(map(operator.not_, irregular)), ends, entries
 
 
-def _plain(joined: str) -> bool:
+def _plain(joined: bytes) -> bool:
     """None of ``_BAD_CHARS`` in ``joined`` (one ``in`` -- a memchr -- each is several
     times faster than a regex's scan of megabytes)."""
     return not any(map(joined.__contains__, _BAD_CHARS))
 
 
-def _normalise(joined: str) -> str:
+def _normalise(joined: bytes) -> bytes:
     """``a@x, b@y ,c@z`` -> ``a@x,b@y,c@z`` (and no blanks at either end)."""
-    joined = joined.strip(" \t").replace(", ", ",")
-    if " " in joined or "\t" in joined:  # more blanks, or blanks before a comma
-        joined = sources._COMMA_SPACE.sub(",", joined)
+    joined = joined.strip(b" \t").replace(b", ", b",")
+    if b" " in joined or b"\t" in joined:  # more blanks, or blanks before a comma
+        joined = _COMMA_SPACE.sub(b",", joined)
     return joined
 
 
-def resolve(index: dict[str, int], targets: list[str], owners: array, esrc: array,
+def resolve(index: dict[bytes, int], targets: list[bytes], owners: array, esrc: array,
             edst: array) -> list[bool]:
     """Append an edge ``owner -> index[target]`` for each target that is a key; returns
     per target whether it was one."""
@@ -537,11 +587,12 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         head = [raw[:split]]
         del raw
         half = _Half(path, head, 0, local, covered)
-        _tag, targets, owners, candidates, wild = _receive(conn)
-        _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
-                     "\n".join(half.candidates), half.cover,
-                     array("q", map(hash, half.keys))))
+        mine = ("unresolved", b"\n".join(half.unresolved), half.unresolved_owners,
+                b"\n".join(half.candidates), half.cover, array("q", map(hash, half.keys)))
         half.unresolved = half.candidates = []
+        _tag, targets, owners, candidates, wild = _receive(conn)
+        _send(conn, mine)
+        del mine
         half.add_wildcards(wild)
         half.resolve_other(targets, owners, candidates)
         del targets, owners, candidates
@@ -565,10 +616,11 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         proc.join(10)
     for message in chain(half.warnings, scan_warnings):
         warnings.warn(message)
-    names.extend(other_names.split("\n") if other_names else [])
+    names = b"\n".join(filter(None, (names, other_names))).decode("ascii")
     del other_names
+    names = names.split("\n") if names else []
     names.extend(set(mailboxes).union(other_mailboxes))
-    names.extend(f"@{d}" for d, node in half.cover.items() if reached[node])
+    names.extend(f"@{d.decode()}" for d, node in half.cover.items() if reached[node])
     out = writable(sorted(names), warnings.warn,  # (mostly two sorted runs: a merge)
                    chain(suspects, other_suspects))
     del names
@@ -605,8 +657,8 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
     any point ``("step back", ...)``."""
     try:
         half = _Half(path, [args.pop()[split:]], base, local, covered)
-        _send(conn, ("unresolved", "\n".join(half.unresolved), half.unresolved_owners,
-                     "\n".join(half.candidates), half.cover))
+        _send(conn, ("unresolved", b"\n".join(half.unresolved), half.unresolved_owners,
+                     b"\n".join(half.candidates), half.cover))
         half.unresolved = half.candidates = []
         _tag, targets, owners, candidates, wild, parent_hashes = conn.recv()
         half.add_wildcards(wild)
@@ -625,7 +677,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         half.index = {}
         _tag, reached = conn.recv()
         names, mailboxes, suspects, over = half.names(reached)
-        _send(conn, ("names", "\n".join(names), mailboxes, suspects, over))
+        _send(conn, ("names", names, mailboxes, suspects, over))
     except _StepBack:
         _last_word(conn, ("step back",))
     except Exception as exc:  # the general route meets it again and reports it
