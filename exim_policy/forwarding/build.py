@@ -142,11 +142,11 @@ def map_data(config: ForwardingConfig, *, bulk_min_lines: int = bulk.MIN_LINES) 
     return data if data is not None else load_graph(config).map_data()
 
 
-def _outputs(config: ForwardingConfig, entries: list[str]) -> list[tuple[str, str]]:
+def _outputs(config: ForwardingConfig, data: MapData) -> list[tuple[str, str]]:
     """(path, body) for each configured output file."""
-    outputs = [(config.map, writer.map_body(entries))]
+    outputs = [(config.map, data.body)]
     if config.lsearch_output:
-        outputs.append((config.lsearch_output, writer.lsearch_body(entries)))
+        outputs.append((config.lsearch_output, writer.lsearch_body(data.entries)))
     return outputs
 
 
@@ -154,19 +154,17 @@ def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> Build
     """Build and write the map(s); files whose entries are unchanged are left alone."""
     started = time.monotonic()
     data = map_data(config)
-    entries = data.entries
-    outputs = _outputs(config, entries)
     written = []
-    for path, body in outputs:
+    for path, body in _outputs(config, data):
         try:
             if writer.is_current(path, body):
                 continue
-            writer.atomic_write(path, writer.render(body, len(entries), now))
+            writer.atomic_write(path, writer.render(body, data.count, now))
         except OSError as exc:
             raise ForwardingError(f"{path}: cannot write: {exc.strerror or exc}") from None
         written.append(path)
     return BuildResult(
-        map_path=config.map, lsearch_path=config.lsearch_output, entries=len(entries),
+        map_path=config.map, lsearch_path=config.lsearch_output, entries=data.count,
         aliases=data.aliases, targets=data.targets, sources=data.sources,
         written=tuple(written), warnings=data.warnings,
         warning_count=data.warning_count, seconds=time.monotonic() - started)
@@ -175,9 +173,8 @@ def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> Build
 def check_map(config: ForwardingConfig) -> CheckResult:
     """Compare what a build would write with the files on disk; writes nothing."""
     data = map_data(config)
-    entries = data.entries
     stale = []
-    for (path, body), lsearch in zip(_outputs(config, entries), (False, True)):
+    for (path, body), lsearch in zip(_outputs(config, data), (False, True)):
         try:
             if writer.is_current(path, body):
                 continue
@@ -187,9 +184,9 @@ def check_map(config: ForwardingConfig) -> CheckResult:
         if on_disk is None:
             stale.append(f"{path}: missing")
             continue
-        old, new = set(on_disk), set(entries)
+        old, new = set(on_disk), set(data.entries)
         stale.append(f"{path}: stale, {len(new - old)} to add, {len(old - new)} to remove")
-    return CheckResult(current=not stale, stale=tuple(stale), entries=len(entries),
+    return CheckResult(current=not stale, stale=tuple(stale), entries=data.count,
                        warnings=data.warnings, warning_count=data.warning_count)
 
 

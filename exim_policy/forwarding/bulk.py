@@ -44,7 +44,7 @@ from operator import itemgetter
 
 from ..config import ForwardingConfig
 from . import sources
-from .graph import GraphBuilder, MapData, over_match_warning, reach, writable
+from .graph import GraphBuilder, MapData, over_match_warning, reach, unwritable
 from .sources import SPECIAL_START, Batch, ForwardingError
 
 #: files with fewer lines take the general route (as sources.PARALLEL_MIN_LINES)
@@ -140,6 +140,8 @@ CHILD_SHARE = 0.5
 #: leave about 40 % of the edges for the parent's search, more passes save less than
 #: they cost)
 HEAD_START_ROUNDS = 2
+#: ... and over all edges left before the parent's search (the same trade)
+FINAL_ROUNDS = 2
 
 
 def _split_point(raw: bytes) -> int:
@@ -232,8 +234,9 @@ class _Half:
         targets = list(compress(targets, missing))
         owners = array("i", compress(owners, missing))
         del missing
-        self.reached, self.esrc, self.edst = _head_start(base + self.lines, self.esrc,
-                                                         self.edst, self.seeds)
+        self.reached = bytearray(base + self.lines)
+        collections.deque(map(self.reached.__setitem__, self.seeds, repeat(1)), maxlen=0)
+        self.esrc, self.edst = _head_start(self.reached, self.esrc, self.edst)
         # what is left for the other half: targets without a key here, of owners that do
         # not forward yet
         live = list(map(operator.not_, map(self.reached.__getitem__, owners)))
@@ -395,17 +398,18 @@ class _Half:
         self.covered_nodes.extend(map(self.cover.__getitem__, map(itemgetter(2), map(
             bytes.rpartition, mailboxes, repeat(b"@")))))
 
-    def names(self, reached: bytearray) -> tuple[bytes, list[str], list[str], list[str]]:
-        """This half's forwarding keys (sorted, joined by newlines); the mailboxes it found
-        under a forwarding wildcard (the general route lists them too); those of both that
-        may not be writable to the map (only the scanner's may have white space or
-        ``#``); and its over-match warnings, in line order."""
+    def names(self, reached: bytearray
+              ) -> tuple[list[bytes], list[bytes], list[str], list[str]]:
+        """This half's forwarding keys (sorted); the mailboxes it found under a forwarding
+        wildcard (the general route lists them too); those of both that may not be
+        writable to the map (only the scanner's may have white space or ``#``); and its
+        over-match warnings, in line order."""
         is_reached = list(map(reached.__getitem__, self.key_ids))
-        keys = b"\n".join(sorted(compress(self.keys, is_reached)))
-        mailboxes = [m.decode() for m in compress(self.covered,
-                                                  map(reached.__getitem__, self.covered_nodes))]
-        suspects = [k.decode() for k in compress(self.keys[self.scanned_keys:],
-                                                 is_reached[self.scanned_keys:])] + mailboxes
+        keys = sorted(compress(self.keys, is_reached))
+        mailboxes = list(compress(self.covered, map(reached.__getitem__, self.covered_nodes)))
+        suspects = [k.decode() for k in chain(compress(self.keys[self.scanned_keys:],
+                                                       is_reached[self.scanned_keys:]),
+                                              mailboxes)]
         domains = {d for d, node in self.cover.items() if reached[node]}
         over = sorted((node, key.decode()) for node, key in self.covered_keys
                       if not reached[node] and key[key.rfind(b"@") + 1:] in domains)
@@ -413,17 +417,14 @@ class _Half:
                                            for _node, key in over]
 
 
-def _head_start(n: int, esrc: array, edst: array, seeds: array,
-                rounds: int = HEAD_START_ROUNDS) -> tuple[bytearray, array, array]:
-    """A head start on the search (the parent finishes it with graph.reach): the 0/1
-    mask of the nodes known to forward after ``rounds`` bulk passes over the edges, each
-    marking the owners of the edges into marked nodes, and the edges whose owner is not
-    marked yet.  Most owners are marked in the first passes, and a pass is much cheaper
-    than building the reverse adjacency that graph.reach needs for the rest.  (No edge
-    leaves a seed: the caller looked up only the targets of other owners.)"""
-    reached = bytearray(n)
+def _head_start(reached: bytearray, esrc: array, edst: array,
+                rounds: int = HEAD_START_ROUNDS) -> tuple[array, array]:
+    """A head start on the search (graph.reach finishes it): ``rounds`` bulk passes over
+    the edges, each marking in ``reached`` the owners of the edges into marked nodes;
+    returns the edges whose owner is not marked yet.  Most owners are marked in the
+    first passes, and a pass is much cheaper than building the reverse adjacency that
+    graph.reach needs for the rest.  (No edge may leave a marked node.)"""
     one = repeat(1)
-    collections.deque(map(reached.__setitem__, seeds, one), maxlen=0)
     for _ in range(rounds):
         hit = list(compress(esrc, map(reached.__getitem__, edst)))
         if not hit:
@@ -432,7 +433,7 @@ def _head_start(n: int, esrc: array, edst: array, seeds: array,
         live = list(map(operator.not_, map(reached.__getitem__, esrc)))
         esrc = array("i", compress(esrc, live))
         edst = array("i", compress(edst, live))
-    return reached, esrc, edst
+    return esrc, edst
 
 
 def _ascii(text: str) -> bytes:
@@ -603,8 +604,16 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         half.esrc.extend(esrc)
         half.edst.extend(edst)
         del esrc, edst
-        seeds = compress(half.edst, map(half.reached.__getitem__, half.edst))
-        reached = reach(n, half.esrc, half.edst, seeds, half.reached)
+        reached = half.reached
+        # (edges out of marked nodes first: the other half marked some of them)
+        live = list(map(operator.not_, map(reached.__getitem__, half.esrc)))
+        esrc, edst = _head_start(reached, array("i", compress(half.esrc, live)),
+                                 array("i", compress(half.edst, live)), FINAL_ROUNDS)
+        del live
+        half.esrc = half.edst = array("i")
+        reached = reach(n, esrc, edst, compress(edst, map(reached.__getitem__, edst)),
+                        reached)
+        del esrc, edst
         _send(conn, ("reached", reached))
         names, mailboxes, suspects, over = half.names(reached)
         half.index = {}  # (freed while the child still works)
@@ -616,19 +625,23 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         proc.join(10)
     for message in chain(half.warnings, scan_warnings):
         warnings.warn(message)
-    names = b"\n".join(filter(None, (names, other_names))).decode("ascii")
+    names.extend(other_names.split(b"\n") if other_names else ())
     del other_names
-    names = names.split("\n") if names else []
     names.extend(set(mailboxes).union(other_mailboxes))
-    names.extend(f"@{d.decode()}" for d, node in half.cover.items() if reached[node])
-    out = writable(sorted(names), warnings.warn,  # (mostly two sorted runs: a merge)
-                   chain(suspects, other_suspects))
+    names.extend(b"@" + domain for domain, node in half.cover.items() if reached[node])
+    names.sort()  # (mostly two sorted runs: a merge)
+    bad = unwritable(chain(suspects, other_suspects), warnings.warn)
+    if bad:
+        bad = {address.encode() for address in bad}
+        names = [name for name in names if name not in bad]
+    body = b"".join((b"\n".join(names), b"\n")).decode("ascii") if names else ""
+    count = len(names)
     del names
     warnings.warn_all(over)
     warnings.warn_all(other_over)
     aliases = len(half.keys) + keys + len(half.cover)
-    return MapData(out, aliases, half.targets + targets, 1, tuple(warnings.warnings),
-                   warnings.warning_count)
+    return MapData(body, count, aliases, half.targets + targets, 1,
+                   tuple(warnings.warnings), warnings.warning_count)
 
 
 def _send(conn, message: tuple) -> None:
@@ -677,7 +690,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         half.index = {}
         _tag, reached = conn.recv()
         names, mailboxes, suspects, over = half.names(reached)
-        _send(conn, ("names", names, mailboxes, suspects, over))
+        _send(conn, ("names", b"\n".join(names), mailboxes, suspects, over))
     except _StepBack:
         _last_word(conn, ("step back",))
     except Exception as exc:  # the general route meets it again and reports it

@@ -41,6 +41,7 @@ few named local addresses into rejects.
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import itertools
 import operator
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from .sources import SPECIAL_START, Batch, Entry, parse_address
+from .writer import map_body
 
 # node kinds; LOCAL must be 0 (bulk code relies on it)
 LOCAL, EXTERNAL, END, WILD, PROBE, DEAD = range(6)
@@ -82,12 +84,19 @@ class Explanation:
 class MapData:
     """What a map build needs of a graph: the map's entries and a summary."""
 
-    entries: list[str]
+    #: the sorted entries, one per line, each line ending in a newline (writer.map_body);
+    #: the text rather than a list, because writing it is what a build mostly does
+    body: str
+    count: int
     aliases: int
     targets: int
     sources: int
     warnings: tuple[str, ...]
     warning_count: int
+
+    @functools.cached_property
+    def entries(self) -> list[str]:
+        return self.body.split("\n")[:-1]
 
 
 class GraphBuilder:
@@ -467,23 +476,24 @@ def _lists(n: int) -> list[list]:
     return [[] for _ in range(n)]
 
 
-def writable(addresses: list[str], warn, suspects: Iterable[str] | None = None) -> list[str]:
+def writable(addresses: list[str], warn) -> list[str]:
     """The sorted ``addresses`` without those that cannot be written to the map (``#`` or
-    white space in them), each of which is reported to ``warn``.  ``suspects``: the only
-    ones of them that may be such (None: any)."""
-    if suspects is None:
-        joined = "".join(addresses)
-        if not any(c in joined for c in _UNWRITABLE):
-            return addresses
-        suspects = addresses
-    bad = sorted({a for a in suspects if not _UNWRITABLE.isdisjoint(a)})
-    if not bad:
+    white space in them), each of which is reported to ``warn``."""
+    joined = "".join(addresses)
+    if not any(c in joined for c in _UNWRITABLE):
         return addresses
+    bad = unwritable(addresses, warn)
+    return [a for a in addresses if a not in bad]
+
+
+def unwritable(addresses: Iterable[str], warn) -> set[str]:
+    """Those of ``addresses`` that cannot be written to the map, each reported to
+    ``warn`` (in sorted order)."""
+    bad = sorted({a for a in addresses if not _UNWRITABLE.isdisjoint(a)})
     for address in bad:
         warn(f"{address!r} forwards but cannot be written to the map ('#' or white space "
              "in it)")
-    bad_set = set(bad)
-    return [a for a in addresses if a not in bad_set]
+    return set(bad)
 
 
 def over_match_warning(address: str, domain: str) -> str:
@@ -614,8 +624,8 @@ class ForwardingGraph:
 
     def map_data(self) -> MapData:
         entries = self.entries()  # (may add warnings)
-        return MapData(entries, self.aliases, self.targets, self.sources,
-                       tuple(self.warnings), self.warning_count)
+        return MapData(map_body(entries), len(entries), self.aliases, self.targets,
+                       self.sources, tuple(self.warnings), self.warning_count)
 
     def _over_match(self, domains: set[str]) -> None:
         names, kind, reached = self._names, self._kind, self.reached
