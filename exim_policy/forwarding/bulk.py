@@ -187,8 +187,8 @@ class _Half:
         regular, ends, entries = _line_kinds(lines, scan_lines, end_lines)
         # the two groups of regular lines, each joined by colons, and the scanner's entries
         groups = [(list(compress(range(base, base + len(lines)), regular)),
-                   b":".join(compress(lines, regular))),
-                  ([base + i for i in ends], b":".join(map(lines.__getitem__, ends)))]
+                   _join(b":", list(compress(lines, regular)))),
+                  ([base + i for i in ends], _join(b":", list(map(lines.__getitem__, ends))))]
         scanned = [(i, first, [line.decode("ascii") for line in lines[first:last + 1]])
                    for i, (first, last) in entries.items()]
         del lines, regular, ends, entries
@@ -254,7 +254,7 @@ class _Half:
         del parts
         if len(keys) != len(ids) or len(datas) != len(keys):
             raise _StepBack
-        joined = b"\n".join(keys)
+        joined = _join(b"\n", keys)
         domains = _DOMAINS_NL(joined)
         # one "@" in each key, after a local part, before a local domain (so a valid one)
         if (joined.count(b"@") != len(keys) or len(domains) != len(keys)
@@ -262,8 +262,8 @@ class _Half:
                 or not _plain(joined) or b"\n@" in joined or joined.startswith(b"@")):
             raise _StepBack
         if self.covered_b:
-            self.covered_keys.extend(compress(zip(ids, keys), map(
-                self.covered_b.__contains__, domains)))
+            covered = list(map(self.covered_b.__contains__, domains))
+            self.covered_keys.extend(zip(compress(ids, covered), compress(keys, covered)))
         return keys, datas
 
     def _regular_targets(self, datas: list[bytes], ids: list[int]
@@ -272,7 +272,7 @@ class _Half:
         external ones make their owner a seed; returns the local ones and their owners."""
         counts = map(operator.add, map(bytes.count, datas, repeat(b",")), repeat(1))
         owners = list(chain.from_iterable(map(repeat, ids, counts)))
-        joined = _normalise(b",".join(datas))
+        joined = _normalise(_join(b",", datas))
         datas.clear()
         if not _plain(joined):
             raise _StepBack
@@ -289,7 +289,7 @@ class _Half:
             self.targets += sum(ends)
             keep = list(map(operator.not_, ends)) if keep is None else list(
                 map(operator.and_, keep, map(operator.not_, ends)))
-            joined = b",".join(compress(targets, keep))
+            joined = _join(b",", list(compress(targets, keep)))
         if keep is not None:
             owners = list(compress(owners, keep))
             targets = list(compress(targets, keep))
@@ -434,6 +434,16 @@ def _head_start(reached: bytearray, esrc: array, edst: array,
         esrc = array("i", compress(esrc, live))
         edst = array("i", compress(edst, live))
     return esrc, edst
+
+
+def _join(separator: bytes, items: list[bytes], chunk: int = 8192) -> bytes:
+    """``separator.join(items)`` for hundreds of thousands of items, three times faster:
+    bytes.join first makes a buffer record of 80 bytes per item (tens of megabytes of
+    fresh memory here); in chunks that memory stays small and warm."""
+    if len(items) <= chunk:
+        return separator.join(items)
+    return separator.join([separator.join(items[i:i + chunk])
+                           for i in range(0, len(items), chunk)])
 
 
 def _ascii(text: str) -> bytes:
@@ -588,8 +598,8 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         head = [raw[:split]]
         del raw
         half = _Half(path, head, 0, local, covered)
-        mine = ("unresolved", b"\n".join(half.unresolved), half.unresolved_owners,
-                b"\n".join(half.candidates), half.cover, array("q", map(hash, half.keys)))
+        mine = ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
+                _join(b"\n", half.candidates), half.cover, array("q", map(hash, half.keys)))
         half.unresolved = half.candidates = []
         _tag, targets, owners, candidates, wild = _receive(conn)
         _send(conn, mine)
@@ -634,7 +644,7 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
     if bad:
         bad = {address.encode() for address in bad}
         names = [name for name in names if name not in bad]
-    body = b"".join((b"\n".join(names), b"\n")).decode("ascii") if names else ""
+    body = (_join(b"\n", names) + b"\n").decode("ascii") if names else ""
     count = len(names)
     del names
     warnings.warn_all(over)
@@ -670,8 +680,8 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
     any point ``("step back", ...)``."""
     try:
         half = _Half(path, [args.pop()[split:]], base, local, covered)
-        _send(conn, ("unresolved", b"\n".join(half.unresolved), half.unresolved_owners,
-                     b"\n".join(half.candidates), half.cover))
+        _send(conn, ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
+                     _join(b"\n", half.candidates), half.cover))
         half.unresolved = half.candidates = []
         _tag, targets, owners, candidates, wild, parent_hashes = conn.recv()
         half.add_wildcards(wild)
@@ -690,7 +700,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         half.index = {}
         _tag, reached = conn.recv()
         names, mailboxes, suspects, over = half.names(reached)
-        _send(conn, ("names", b"\n".join(names), mailboxes, suspects, over))
+        _send(conn, ("names", _join(b"\n", names), mailboxes, suspects, over))
     except _StepBack:
         _last_word(conn, ("step back",))
     except Exception as exc:  # the general route meets it again and reports it
