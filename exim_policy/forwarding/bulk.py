@@ -57,6 +57,7 @@ _SCAN_CHARS = b'"\\<(#*'
 #: the scanner characters leave of sources._BAD_CHARS), one bytes object each
 _BAD_CHARS = [bytes([c]) for c in b" \t\r\f\v;>)[]"]
 _WHITE_SPACE = frozenset(bytes([c]) for c in sources._WS.encode())
+_NOT_COLON_OR_NEWLINE = bytes(c for c in range(256) if c not in b":\n")
 _COMMA_SPACE = re.compile(rb"[ \t]*,[ \t]*")
 _DOMAINS_NL = re.compile(rb"@([^\n]*)").findall
 _DOMAINS_COMMA = re.compile(rb"@([^,]*)").findall
@@ -179,12 +180,17 @@ class _Half:
         self.covered_nodes = array("i")
         text = box.pop().lower()  # ASCII only (as the map compares)
         scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, b"|/")
+        # lines without exactly one colon: the text's colons and newlines alone, split
+        # into lines, are b":" for those that have one (a cached one-byte object each)
+        odd = list(map(operator.ne, text.translate(None, _NOT_COLON_OR_NEWLINE).split(b"\n"),
+                       repeat(b":")))
         lines = text.split(b"\n")
         del text
         if lines and not lines[-1]:
             lines.pop()  # the newline that ends the last line
+            odd.pop()
         self.lines = len(lines)
-        regular, ends, entries = _line_kinds(lines, scan_lines, end_lines)
+        regular, ends, entries = _line_kinds(lines, odd, scan_lines, end_lines)
         # the two groups of regular lines, each joined by colons, and the scanner's entries
         groups = [(list(compress(range(base, base + len(lines)), regular)),
                    _join(b":", list(compress(lines, regular)))),
@@ -481,8 +487,8 @@ def _char_lines(text: bytes, *char_sets: bytes) -> tuple[set[int], ...]:
     return out
 
 
-def _line_kinds(lines: list[bytes], scan_lines: set[int], end_lines: set[int]
-                ) -> tuple[list[bool], list[int], dict[int, list[int]]]:
+def _line_kinds(lines: list[bytes], irregular: list[bool], scan_lines: set[int],
+                end_lines: set[int]) -> tuple[list[bool], list[int], dict[int, list[int]]]:
     """Sort the lines for the three ways of reading them:
 
     - *regular* key lines (``key: a@x, b@y``: one colon, none of the scanner's characters,
@@ -495,13 +501,13 @@ def _line_kinds(lines: list[bytes], scan_lines: set[int], end_lines: set[int]
     to it here, joined with one blank as Exim joins them; any other continuation makes the
     whole entry the scanner's (sources._parse_part reads lines the same way).
 
-    ``scan_lines`` are the lines with a scanner character (``#``, ``"`` and ``*`` among
-    them), ``end_lines`` those with ``|`` or ``/``.  The only other lines that start with
-    an unusual character are empty, or start with white space: those without one colon
-    are caught here, those with one end up with white space in their key, which
-    _Half._split refuses.
+    ``irregular`` marks the lines without exactly one colon (it is updated in place),
+    ``scan_lines`` are those with a scanner character (``#``, ``"`` and ``*`` among them),
+    ``end_lines`` those with ``|`` or ``/``.  The only other lines that start with an
+    unusual character are empty, or start with white space: those without one colon are
+    caught here, those with one end up with white space in their key, which _Half._split
+    refuses.
     """
-    irregular = list(map(operator.ne, map(bytes.count, lines, repeat(b":")), repeat(1)))
     for i in scan_lines:
         irregular[i] = True
     ends = set(end_lines)

@@ -479,16 +479,17 @@ def _lists(n: int) -> list[list]:
 def writable(addresses: list[str], warn) -> list[str]:
     """The sorted ``addresses`` without those that cannot be written to the map (``#`` or
     white space in them), each of which is reported to ``warn``."""
-    joined = "".join(addresses)
-    if not any(c in joined for c in _UNWRITABLE):
-        return addresses
     bad = unwritable(addresses, warn)
-    return [a for a in addresses if a not in bad]
+    return [a for a in addresses if a not in bad] if bad else addresses
 
 
 def unwritable(addresses: Iterable[str], warn) -> set[str]:
     """Those of ``addresses`` that cannot be written to the map, each reported to
     ``warn`` (in sorted order)."""
+    addresses = list(addresses)
+    joined = "".join(addresses)
+    if not any(c in joined for c in _UNWRITABLE):  # (the usual case, at memchr speed)
+        return set()
     bad = sorted({a for a in addresses if not _UNWRITABLE.isdisjoint(a)})
     for address in bad:
         warn(f"{address!r} forwards but cannot be written to the map ('#' or white space "
