@@ -170,7 +170,9 @@ class _Half:
         self.cover: dict[bytes, int] = {}
         self.warnings: list[str] = []  # the scanner's
         self.targets = 0  # targets read
-        self.seeds = array("i")
+        #: 1 for the nodes known to forward: at first the seeds, owners of an external
+        #: target, whose other targets can add nothing to the search (and are dropped)
+        self.reached = bytearray()
         self.esrc, self.edst = array("i"), array("i")
         self.candidates: list[bytes] = []  # local targets in a domain with a wildcard
         #: ``(node, key)`` of the keys in a domain with a wildcard (see :meth:`names`)
@@ -190,6 +192,7 @@ class _Half:
             lines.pop()  # the newline that ends the last line
             odd.pop()
         self.lines = len(lines)
+        self.reached = bytearray(base + self.lines)
         regular, ends, entries = _line_kinds(lines, odd, scan_lines, end_lines)
         # the two groups of regular lines, each joined by colons, and the scanner's entries
         groups = [(list(compress(range(base, base + len(lines)), regular)),
@@ -226,22 +229,11 @@ class _Half:
         #: keys there either)
         self.candidates = list(dict.fromkeys(compress(self.candidates, map(
             operator.not_, map(self.index.__contains__, self.candidates)))))
-        # Targets of owners with an external target (seeds) can add nothing to the search:
-        # only the others are looked up
-        seed = bytearray(base + self.lines)
-        collections.deque(map(seed.__setitem__, self.seeds, repeat(1)), maxlen=0)
-        live = list(map(operator.not_, map(seed.__getitem__, local_owners)))
-        del seed
-        targets = list(compress(local_targets, live))
-        owners = array("i", compress(local_owners, live))
-        del local_targets, local_owners, live
-        missing = list(map(operator.not_, resolve(self.index, targets, owners, self.esrc,
-                                                  self.edst)))
-        targets = list(compress(targets, missing))
-        owners = array("i", compress(owners, missing))
-        del missing
-        self.reached = bytearray(base + self.lines)
-        collections.deque(map(self.reached.__setitem__, self.seeds, repeat(1)), maxlen=0)
+        missing = list(map(operator.not_, resolve(self.index, local_targets, local_owners,
+                                                  self.esrc, self.edst)))
+        targets = list(compress(local_targets, missing))
+        owners = array("i", compress(local_owners, missing))
+        del local_targets, local_owners, missing
         self.esrc, self.edst = _head_start(self.reached, self.esrc, self.edst)
         # what is left for the other half: targets without a key here, of owners that do
         # not forward yet
@@ -275,7 +267,8 @@ class _Half:
     def _regular_targets(self, datas: list[bytes], ids: list[int]
                          ) -> tuple[list[bytes], array]:
         """Split, check and classify the targets of regular lines (``ids``) in bulk:
-        external ones make their owner a seed; returns the local ones and their owners."""
+        external ones make their owner a seed; returns the local ones of the other owners,
+        and those owners."""
         counts = map(operator.add, map(bytes.count, datas, repeat(b",")), repeat(1))
         owners = list(chain.from_iterable(map(repeat, ids, counts)))
         joined = _normalise(_join(b",", datas))
@@ -317,8 +310,12 @@ class _Half:
         del domains
         if not all(map(sources.is_domain, map(bytes.decode, external))):
             raise _StepBack  # (local domains are valid)
-        self.seeds.extend(compress(owners, map(operator.not_, local)))
-        return list(compress(targets, local)), array("i", compress(owners, local))
+        collections.deque(map(self.reached.__setitem__, compress(
+            owners, map(operator.not_, local)), repeat(1)), maxlen=0)
+        # (an owner's targets are all in its own line, so its seed mark is final here)
+        keep = list(map(operator.and_, local, map(operator.not_, map(
+            self.reached.__getitem__, owners))))
+        return list(compress(targets, keep)), array("i", compress(owners, keep))
 
     def _scanned(self, path: str, scanned: list, local_targets: list[bytes],
                  local_owners: array) -> None:
@@ -353,25 +350,30 @@ class _Half:
             self.cover[domain] = line - 1
             entries.extend(zip(repeat(line - 1), targets))
         self.targets += len(entries)
+        reached = self.reached
+        found: list[tuple[int, bytes]] = []
         for owner, target in entries:
             if target[0] in SPECIAL_START:
                 if target[0] != "\\":
                     continue  # pipes, files, :blackhole: and the like: local ends
                 target = target[1:]  # \address: no further redirection
                 if "@" in target and target[target.rfind("@") + 1:] not in self.local:
-                    self.seeds.append(owner)  # ... but an external one still leaves
+                    reached[owner] = 1  # ... but an external one still leaves
                 continue
             domain = target[target.rfind("@") + 1:]
             if domain not in self.local:
-                self.seeds.append(owner)
+                reached[owner] = 1
                 continue
             target = _ascii(target)
             if b"\n" in target:
                 raise _StepBack  # (a quoted local part) could not cross the pipe
-            local_targets.append(target)
-            local_owners.append(owner)
+            found.append((owner, target))
             if target[target.rfind(b"@") + 1:] in self.covered_b:
                 self.candidates.append(target)
+        for owner, target in found:  # (the seeds of these entries are all known now)
+            if not reached[owner]:
+                local_targets.append(target)
+                local_owners.append(owner)
 
     def add_wildcards(self, other: dict[bytes, int]) -> None:
         """The other half's wildcards: together, all that _wildcards found."""
