@@ -32,6 +32,7 @@ compares the two routes on generated, hand-written and random inputs.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import gc
 import multiprocessing
@@ -40,7 +41,7 @@ import re
 import threading
 from array import array
 from itertools import chain, compress, repeat
-from operator import itemgetter
+
 
 from ..config import ForwardingConfig
 from . import sources
@@ -385,44 +386,49 @@ class _Half:
         """The other half's leftovers (joined by newlines): edges to keys of this half,
         or, for a mailbox in a domain with a wildcard, to that wildcard; ``candidates``
         are the rest of its targets in such domains (the mailboxes among them are noted)."""
-        targets = targets.split(b"\n") if targets else []
+        joined, targets = targets, targets.split(b"\n") if targets else []
         found = resolve(self.index, targets, owners, self.esrc, self.edst)
         if not self.cover:
             return
-        missing = list(map(operator.not_, found))
-        targets = list(compress(targets, missing))
-        owners = array("i", compress(owners, missing))
-        wild = list(map(self.cover.get, map(itemgetter(2), map(
-            bytes.rpartition, targets, repeat(b"@")))))
-        covered = list(map(operator.is_not, wild, repeat(None)))
+        # a mailbox (no key here either) in a domain with a wildcard: an edge to it
+        wild = list(map(self.cover.get, _DOMAINS_NL(joined)))
+        del joined
+        covered = list(map(operator.and_, map(operator.is_not, wild, repeat(None)),
+                           map(operator.not_, found)))
         self.esrc.extend(compress(owners, covered))
         self.edst.extend(compress(wild, covered))
         self.covered.extend(compress(targets, covered))
         self.covered_nodes.extend(compress(wild, covered))
-        candidates = candidates.split(b"\n") if candidates else []
-        mailboxes = list(compress(candidates, map(operator.not_, map(
-            self.index.__contains__, candidates))))
-        self.covered.extend(mailboxes)
-        self.covered_nodes.extend(map(self.cover.__getitem__, map(itemgetter(2), map(
-            bytes.rpartition, mailboxes, repeat(b"@")))))
+        if candidates:
+            wild = list(map(self.cover.__getitem__, _DOMAINS_NL(candidates)))
+            candidates = candidates.split(b"\n")
+            mailboxes = list(map(operator.not_, map(self.index.__contains__, candidates)))
+            self.covered.extend(compress(candidates, mailboxes))
+            self.covered_nodes.extend(compress(wild, mailboxes))
 
-    def names(self, reached: bytearray
-              ) -> tuple[list[bytes], list[bytes], list[str], list[str]]:
-        """This half's forwarding keys (sorted); the mailboxes it found under a forwarding
-        wildcard (the general route lists them too); those of both that may not be
-        writable to the map (only the scanner's may have white space or ``#``); and its
-        over-match warnings, in line order."""
+    def names(self, reached: bytearray, pivot: bytes
+              ) -> tuple[tuple[list[bytes], set[bytes]], tuple[list[bytes], set[bytes]],
+                         list[str], list[str]]:
+        """This half's part of the map below ``pivot`` and from it: each its forwarding
+        keys (sorted) and its other entries (the mailboxes it found under a forwarding
+        wildcard, which the general route lists too, and the ``@domain`` lines of the
+        forwarding wildcards); the entries that may not be writable to the map (only the
+        scanner's may have white space or ``#``); and its over-match warnings, in line
+        order."""
         is_reached = list(map(reached.__getitem__, self.key_ids))
         keys = sorted(compress(self.keys, is_reached))
-        mailboxes = list(compress(self.covered, map(reached.__getitem__, self.covered_nodes)))
+        cut = bisect.bisect_left(keys, pivot)
+        mailboxes = set(compress(self.covered, map(reached.__getitem__, self.covered_nodes)))
+        domains = {d for d, node in self.cover.items() if reached[node]}
+        extra = mailboxes.union(b"@" + d for d in domains)
+        low = {e for e in extra if e < pivot}
         suspects = [k.decode() for k in chain(compress(self.keys[self.scanned_keys:],
                                                        is_reached[self.scanned_keys:]),
                                               mailboxes)]
-        domains = {d for d, node in self.cover.items() if reached[node]}
         over = sorted((node, key.decode()) for node, key in self.covered_keys
                       if not reached[node] and key[key.rfind(b"@") + 1:] in domains)
-        return keys, mailboxes, suspects, [over_match_warning(key, key[key.rfind("@") + 1:])
-                                           for _node, key in over]
+        return ((keys[:cut], low), (keys[cut:], extra - low), suspects,
+                [over_match_warning(key, key[key.rfind("@") + 1:]) for _node, key in over])
 
 
 def _head_start(reached: bytearray, esrc: array, edst: array,
@@ -607,7 +613,7 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         del raw
         half = _Half(path, head, 0, local, covered)
         mine = ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
-                _join(b"\n", half.candidates), half.cover, array("q", map(hash, half.keys)))
+                _join(b"\n", half.candidates), half.cover, _join(b"\n", half.keys))
         half.unresolved = half.candidates = []
         _tag, targets, owners, candidates, wild = _receive(conn)
         _send(conn, mine)
@@ -632,10 +638,20 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         reached = reach(n, esrc, edst, compress(edst, map(reached.__getitem__, edst)),
                         reached)
         del esrc, edst
-        _send(conn, ("reached", reached))
-        names, mailboxes, suspects, over = half.names(reached)
+        # The map is sorted: each process sorts the names below (parent) or from (child)
+        # a pivot, of both halves, so that the two parts only need to be put together.
+        sample = sorted(half.keys[::101])
+        pivot = sample[len(sample) // 2] if sample else b""
+        del sample
+        _send(conn, ("reached", reached, pivot))
+        low, high, suspects, over = half.names(reached, pivot)
         half.index = {}  # (freed while the child still works)
-        _tag, other_names, other_mailboxes, other_suspects, other_over = _receive(conn)
+        _tag, other_low, other_suspects, other_over = _receive(conn)
+        _send(conn, ("high", (_join(b"\n", high[0]), high[1])))
+        del high
+        low = _merge(low, other_low)
+        del other_low
+        _tag, high, count = _receive(conn)
     finally:
         conn.close()
         if proc.is_alive():
@@ -643,23 +659,31 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         proc.join(10)
     for message in chain(half.warnings, scan_warnings):
         warnings.warn(message)
-    names.extend(other_names.split(b"\n") if other_names else ())
-    del other_names
-    names.extend(set(mailboxes).union(other_mailboxes))
-    names.extend(b"@" + domain for domain, node in half.cover.items() if reached[node])
-    names.sort()  # (mostly two sorted runs: a merge)
+    count += low.count(b"\n")
+    body = (low + high).decode("ascii")
+    del low, high
     bad = unwritable(chain(suspects, other_suspects), warnings.warn)
-    if bad:
-        bad = {address.encode() for address in bad}
-        names = [name for name in names if name not in bad]
-    body = (_join(b"\n", names) + b"\n").decode("ascii") if names else ""
-    count = len(names)
-    del names
+    if bad:  # (rare: only a quoted address can have white space or "#")
+        entries = [entry for entry in body.split("\n")[:-1] if entry not in bad]
+        body, count = "".join(f"{entry}\n" for entry in entries), len(entries)
     warnings.warn_all(over)
     warnings.warn_all(other_over)
     aliases = len(half.keys) + keys + len(half.cover)
     return MapData(body, count, aliases, half.targets + targets, 1,
                    tuple(warnings.warnings), warnings.warning_count)
+
+
+def _merge(mine: tuple[list[bytes], set[bytes]], other: tuple[bytes, set[bytes]]) -> bytes:
+    """One part of the map from both halves' sorted keys and (unsorted) other entries in
+    it: the map's lines, each ending in a newline."""
+    keys, extra = mine
+    other_keys, other_extra = other
+    keys.extend(other_keys.split(b"\n") if other_keys else ())
+    keys.extend(extra.union(other_extra))
+    if not keys:
+        return b""
+    keys.sort()  # (mostly two sorted runs: a merge)
+    return _join(b"\n", keys) + b"\n"
 
 
 def _send(conn, message: tuple) -> None:
@@ -691,7 +715,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         _send(conn, ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
                      _join(b"\n", half.candidates), half.cover))
         half.unresolved = half.candidates = []
-        _tag, targets, owners, candidates, wild, parent_hashes = conn.recv()
+        _tag, targets, owners, candidates, wild, parent_keys = conn.recv()
         half.add_wildcards(wild)
         half.resolve_other(targets, owners, candidates)
         del targets, owners, candidates
@@ -699,16 +723,17 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
                      half.edst, half.reached[base:], half.warnings))
         # While the parent searches: a key in both halves?  The general route warns about
         # it (and the edges above may be wrong then, so nothing of this route is used).
-        # Equal keys have equal hashes (a forked process has the parent's hash seed): a
-        # hash in both halves steps back, be it a duplicate or, once in a blue moon, two
-        # keys with the same hash.
-        if not set(parent_hashes).isdisjoint(map(hash, half.keys)):
+        if parent_keys and not half.index.keys().isdisjoint(parent_keys.split(b"\n")):
             raise _StepBack
-        del parent_hashes
+        del parent_keys
         half.index = {}
-        _tag, reached = conn.recv()
-        names, mailboxes, suspects, over = half.names(reached)
-        _send(conn, ("names", _join(b"\n", names), mailboxes, suspects, over))
+        _tag, reached, pivot = conn.recv()
+        low, high, suspects, over = half.names(reached, pivot)
+        _send(conn, ("low", (_join(b"\n", low[0]), low[1]), suspects, over))
+        del low
+        _tag, (other_keys, other_extra) = conn.recv()
+        high = _merge(high, (other_keys, other_extra))
+        _send(conn, ("merged", high, high.count(b"\n")))
     except _StepBack:
         _last_word(conn, ("step back",))
     except Exception as exc:  # the general route meets it again and reports it
