@@ -48,8 +48,9 @@ from . import sources
 from .graph import GraphBuilder, MapData, over_match_warning, reach, unwritable
 from .sources import SPECIAL_START, Batch, ForwardingError
 
-#: files with fewer lines take the general route (as sources.PARALLEL_MIN_LINES)
-MIN_LINES = sources.PARALLEL_MIN_LINES
+#: files with fewer lines take the general route: they build in well under 0.1 s either
+#: way (measured with bench/bench_forwarding.py: 20,000 aliases in 0.05 s)
+MIN_LINES = 20_000
 
 #: lines with these go to the item scanner (pipes and files, also scanner characters in
 #: the general route, are plain items here: see _Half._regular_targets)
