@@ -146,6 +146,7 @@ def test_scenarios(tmp_path, text, expected):
     ("bad external domain", "a@x.test: out@gmail..example\n"),
     ("a blank inside a target", "a@x.test: out @gmail.example\n"),
     ("unknown special", "a@x.test: :nonsense:\n"),
+    ("a quoted local part with an @", 'a@x.test: "q@q"@y.test\n*@y.test: out@gmail.example\n'),
 ])
 def test_what_it_steps_back_from(tmp_path, name, text):
     """Each input appears between regular lines; the bulk route declines it and the

@@ -11,17 +11,19 @@ panel writes it -- this module keeps the second core busy for nearly all of it:
    its *regular* lines (``key: a@x, b@y``, also continued on indented lines, also with
    pipes and files) in bulk, every other entry through the general route's item scanner.
    External targets only make their owner a seed of the search.  Each half indexes its
-   own keys, resolves its local targets against them and searches backwards from its
-   seeds over those edges (graph.reach).
+   own keys, resolves its local targets against them and gives the backward search from
+   its seeds a head start over those edges.
 3. The halves swap the targets they have no key for (of owners not yet known to forward)
    and resolve the other's against their own index: a local address that is a key nowhere
    is a mailbox or, in a domain with a wildcard, an edge to that wildcard.
-4. The parent continues the search over the edges that are left; then each half lists
-   its forwarding addresses, sorted, and the parent merges the two lists.
+4. The parent finishes the search over the edges that are left (graph.reach).  Each
+   process then sorts one key range of the map, with the names of both halves in it, and
+   the parent puts the two parts together.
 
 Node ids are 0-based line numbers, so both processes agree on them without talking; only
-int arrays, byte masks and joined strings cross the pipe.  Measured with
-bench/bench_forwarding.py: see the README.
+int arrays, byte masks and joined byte strings cross the pipe.  The work is on bytes, not
+text (the file is ASCII): a million bytes objects are split, hashed and looked up faster.
+Figures: bench/bench_forwarding.py, in the README.
 
 Anything this route does not handle in bulk -- several sources, duplicate keys, keys
 outside the local domains, bare local parts, non-ASCII text, ``:include:``, a ``*`` key,
@@ -41,7 +43,6 @@ import re
 import threading
 from array import array
 from itertools import chain, compress, repeat
-
 
 from ..config import ForwardingConfig
 from . import sources
@@ -153,11 +154,8 @@ def _split_point(raw: bytes) -> int:
 
 
 class _Half:
-    """One half of the file: parsed, indexed, resolved against itself and searched.
-
-    It works on bytes, not text (the file is ASCII): bytes objects are smaller, and a
-    million of them are split, hashed and looked up faster (measured: 15 % for this
-    class).  Only the scanner's entries, a few domains and the output are decoded."""
+    """One half of the file: parsed, indexed, resolved against itself and searched (a
+    head start).  Only the scanner's entries, a few domains and warnings are decoded."""
 
     def __init__(self, path: str, box: list[bytes], base: int, local: frozenset[str],
                  covered: frozenset[str]) -> None:
@@ -182,32 +180,10 @@ class _Half:
         #: mailboxes in a domain with a wildcard (forwarding when their wildcard does)
         self.covered: list[bytes] = []
         self.covered_nodes = array("i")
-        text = box.pop().lower()  # ASCII only (as the map compares)
-        scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, b"|/")
-        # lines without exactly one colon: the text's colons and newlines alone, split
-        # into lines, are b":" for those that have one (a cached one-byte object each)
-        odd = list(map(operator.ne, text.translate(None, _NOT_COLON_OR_NEWLINE).split(b"\n"),
-                       repeat(b":")))
-        lines = text.split(b"\n")
-        del text
-        if lines and not lines[-1]:
-            lines.pop()  # the newline that ends the last line
-            odd.pop()
-        self.lines = len(lines)
-        self.reached = bytearray(base + self.lines)
-        regular, ends, entries = _line_kinds(lines, odd, scan_lines, end_lines)
-        # the two groups of regular lines, each joined by colons, and the scanner's entries
-        groups = [(list(compress(range(base, base + len(lines)), regular)),
-                   _join(b":", list(compress(lines, regular)))),
-                  ([base + i for i in ends], _join(b":", list(map(lines.__getitem__, ends))))]
-        scanned = [(i, first, [line.decode("ascii") for line in lines[first:last + 1]])
-                   for i, (first, last) in entries.items()]
-        del lines, regular, ends, entries
-        if any(":include:" in line for _i, _first, text in scanned for line in text):
-            raise _StepBack  # (its file name was lower-cased here)
         self.keys: list[bytes] = []
         self.key_ids: list[int] = []  # (a list: the index shares its int objects)
         self.scanned_keys = 0  # where the scanner's keys start in self.keys
+        groups, scanned = self._lines(box.pop())
         local_targets: list[bytes] = []
         local_owners = array("i")
         while groups:
@@ -231,14 +207,46 @@ class _Half:
         #: keys there either)
         self.candidates = list(dict.fromkeys(compress(self.candidates, map(
             operator.not_, map(self.index.__contains__, self.candidates)))))
+        self._resolve_own(local_targets, local_owners)
+
+    def _lines(self, text: bytes) -> tuple[list, list]:
+        """The half's text -> the two groups of regular lines, each ``(nodes, lines
+        joined by colons)``, and the scanner's entries ``(key line, first line, lines)``
+        (see _line_kinds).  Sets ``self.lines``, and sizes ``self.reached`` to match."""
+        text = text.lower()  # ASCII only (as the map compares)
+        scan_lines, end_lines = _char_lines(text, _SCAN_CHARS, b"|/")
+        # lines without exactly one colon: the text's colons and newlines alone, split
+        # into lines, are b":" for those that have one (a cached one-byte object each)
+        odd = list(map(operator.ne, text.translate(None, _NOT_COLON_OR_NEWLINE).split(b"\n"),
+                       repeat(b":")))
+        lines = text.split(b"\n")
+        del text
+        if lines and not lines[-1]:
+            lines.pop()  # the newline that ends the last line
+            odd.pop()
+        base = self.base
+        self.lines = len(lines)
+        self.reached = bytearray(base + self.lines)
+        regular, ends, entries = _line_kinds(lines, odd, scan_lines, end_lines)
+        groups = [(list(compress(range(base, base + len(lines)), regular)),
+                   _join(b":", list(compress(lines, regular)))),
+                  ([base + i for i in ends], _join(b":", list(map(lines.__getitem__, ends))))]
+        scanned = [(i, first, [line.decode("ascii") for line in lines[first:last + 1]])
+                   for i, (first, last) in entries.items()]
+        if any(":include:" in line for _i, _first, text in scanned for line in text):
+            raise _StepBack  # (its file name was lower-cased here)
+        return groups, scanned
+
+    def _resolve_own(self, local_targets: list[bytes], local_owners: array) -> None:
+        """Edges to this half's keys, the head start of the search over them, and what is
+        left for the other half: targets without a key here, of owners that do not
+        forward yet."""
         missing = list(map(operator.not_, resolve(self.index, local_targets, local_owners,
                                                   self.esrc, self.edst)))
         targets = list(compress(local_targets, missing))
         owners = array("i", compress(local_owners, missing))
         del local_targets, local_owners, missing
         self.esrc, self.edst = _head_start(self.reached, self.esrc, self.edst)
-        # what is left for the other half: targets without a key here, of owners that do
-        # not forward yet
         live = list(map(operator.not_, map(self.reached.__getitem__, owners)))
         self.unresolved = list(compress(targets, live))
         self.unresolved_owners = array("i", compress(owners, live))
@@ -367,8 +375,8 @@ class _Half:
                 reached[owner] = 1
                 continue
             target = _ascii(target)
-            if b"\n" in target:
-                raise _StepBack  # (a quoted local part) could not cross the pipe
+            if b"\n" in target or target.count(b"@") != 1:
+                raise _StepBack  # (a quoted local part: the halves split and parse less)
             found.append((owner, target))
             if target[target.rfind(b"@") + 1:] in self.covered_b:
                 self.candidates.append(target)
