@@ -140,6 +140,8 @@ _ENTRY_START = re.compile(rb"\n(?=[^\s#])")
 CHILD_SHARE = 0.5
 
 
+#: regular lines are read in chunks of this many (see _Half._lines)
+CHUNK_LINES = 4096
 #: bulk passes over each half's edges before the swap (see _head_start; measured: two
 #: leave about 40 % of the edges for the parent's search, more passes save less than
 #: they cost)
@@ -228,9 +230,15 @@ class _Half:
         self.lines = len(lines)
         self.reached = bytearray(base + self.lines)
         regular, ends, entries = _line_kinds(lines, odd, scan_lines, end_lines)
-        groups = [(list(compress(range(base, base + len(lines)), regular)),
-                   _join(b":", list(compress(lines, regular)))),
-                  ([base + i for i in ends], _join(b":", list(map(lines.__getitem__, ends))))]
+        # in chunks: the lists made of each are smaller (less memory at the peak) and
+        # stay warmer in the caches
+        ids = list(compress(range(base, base + len(lines)), regular))
+        texts = list(compress(lines, regular))
+        groups = [(ids[i:i + CHUNK_LINES], _join(b":", texts[i:i + CHUNK_LINES]))
+                  for i in range(0, len(ids), CHUNK_LINES)]
+        del ids, texts
+        groups.append(([base + i for i in ends], _join(b":", list(map(lines.__getitem__,
+                                                                       ends)))))
         scanned = [(i, first, [line.decode("ascii") for line in lines[first:last + 1]])
                    for i, (first, last) in entries.items()]
         if any(":include:" in line for _i, _first, text in scanned for line in text):
