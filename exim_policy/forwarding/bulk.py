@@ -595,12 +595,16 @@ def _normalise(joined: bytes) -> bytes:
 def resolve(index: dict[bytes, int], targets: list[bytes], owners: array, esrc: array,
             edst: array) -> list[bool]:
     """Append an edge ``owner -> index[target]`` for each target that is a key; returns
-    per target whether it was one."""
-    ids = list(map(index.get, targets))
-    found = list(map(operator.is_not, ids, repeat(None)))
-    esrc.extend(compress(owners, found))
-    edst.extend(compress(ids, found))
-    return found
+    per target whether it was one.  (In chunks, as _Half._lines reads lines.)"""
+    out: list[bool] = []
+    for i in range(0, len(targets), CHUNK_LINES):
+        chunk = targets[i:i + CHUNK_LINES]
+        ids = list(map(index.get, chunk))
+        found = list(map(operator.is_not, ids, repeat(None)))
+        esrc.extend(compress(owners[i:i + CHUNK_LINES], found))
+        edst.extend(compress(ids, found))
+        out.extend(found)
+    return out
 
 
 # ------------------------------------------------------------------- processes --
