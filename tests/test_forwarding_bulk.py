@@ -9,7 +9,6 @@ the general route's result or raise its error.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -22,9 +21,10 @@ from exim_policy.config import ForwardingConfig, ForwardingSource
 from exim_policy.forwarding import build, bulk
 from exim_policy.forwarding.graph import GraphBuilder
 from exim_policy.forwarding.sources import ForwardingError
+
+import alias_sets
 from test_forwarding_graph import SCENARIOS
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ("x.test", "y.test", "z.test")
 
 
@@ -62,22 +62,11 @@ def _same(config: ForwardingConfig, *, stepped_back: bool | None = False):
     return general
 
 
-def _generate(tmp_path: Path, seed: int, aliases: int, edges: int, domains: int) -> Path:
-    spec = importlib.util.spec_from_file_location("forwarding_gen",
-                                                  ROOT / "bench" / "forwarding_gen.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    path = tmp_path / "virtual"
-    with open(path, "w") as out, open(tmp_path / "domains", "w") as dom:
-        gen.generate(aliases, edges, seed, out, dom, domains)
-    return path
-
-
 @pytest.mark.parametrize("seed,aliases,edges,domains", [
     (1, 3000, 6000, 14), (2, 5000, 15000, 24), (3, 2000, 1500, 8), (4, 20000, 40000, 60)])
 def test_generated_sets(tmp_path, seed, aliases, edges, domains):
-    path = _generate(tmp_path, seed, aliases, edges, domains)
-    local = tuple((tmp_path / "domains").read_text().split())
+    path = alias_sets.generate(tmp_path, seed, aliases, edges, domains)
+    local = tuple(sorted(alias_sets.local_domains(tmp_path)))
     config = ForwardingConfig(local_domains=local, map=str(tmp_path / "map.txt"),
                               sources=(ForwardingSource(type="lsearch", path=str(path)),))
     data = _same(config)
@@ -173,8 +162,8 @@ def test_include_steps_back(tmp_path):
 
 
 def test_a_dead_second_process_means_the_general_route(tmp_path, monkeypatch):
-    path = _generate(tmp_path, 5, 2000, 4000, 10)
-    local = tuple((tmp_path / "domains").read_text().split())
+    path = alias_sets.generate(tmp_path, 5, 2000, 4000, 10)
+    local = tuple(sorted(alias_sets.local_domains(tmp_path)))
     config = ForwardingConfig(local_domains=local, map=str(tmp_path / "map.txt"),
                               sources=(ForwardingSource(type="lsearch", path=str(path)),))
     monkeypatch.setattr(bulk, "_child", lambda conn, *args: os._exit(3))

@@ -9,7 +9,6 @@ to 127.0.0.1 for everything else ("router = remote" in the output = forwarded).
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 from exim_policy.forwarding.graph import GraphBuilder
 from exim_policy.forwarding.sources import parse_lsearch
 
-ROOT = Path(__file__).resolve().parents[1]
+import alias_sets
 
 EXIM_CONF = """\
 primary_hostname = host.test
@@ -108,16 +107,6 @@ def exim_forwards(conf: Path, addresses: list[str]) -> dict[str, bool]:
     return result
 
 
-def _generate(tmp_path: Path, seed: int, aliases: int, edges: int, domains: int) -> Path:
-    spec = importlib.util.spec_from_file_location("forwarding_gen", ROOT / "bench" / "forwarding_gen.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    path = tmp_path / "virtual"
-    with open(path, "w") as out, open(tmp_path / "domains", "w") as dom:
-        gen.generate(aliases, edges, seed, out, dom, domains)
-    return path
-
-
 HAND_WRITTEN = """\
 # every construct the parser knows, as Exim reads it
 a@d0.example: b@d0.example
@@ -162,7 +151,7 @@ def test_exim_agrees(tmp_path, case):
         domains = ["d0.example", "d1.example", "d2.example", "d3.example"]
     else:
         seed = int(case[-1])
-        aliases = _generate(tmp_path, seed, 250, 500, 5)
+        aliases = alias_sets.generate(tmp_path, seed, 250, 500, 5)
         domains = (tmp_path / "domains").read_text().split()
     (tmp_path / "spool").mkdir()
     conf = tmp_path / "exim.conf"

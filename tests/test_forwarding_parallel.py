@@ -6,7 +6,6 @@ ran (``_parse_two`` returns None when it fell back).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,18 +15,11 @@ import pytest
 from exim_policy.forwarding import sources
 from exim_policy.forwarding.sources import ForwardingSourceError, parse_lsearch
 
-ROOT = Path(__file__).resolve().parents[1]
+import alias_sets
 
 
 def _generated(tmp_path: Path, aliases: int = 4000, seed: int = 3) -> Path:
-    spec = importlib.util.spec_from_file_location("forwarding_gen",
-                                                  ROOT / "bench" / "forwarding_gen.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    path = tmp_path / "virtual"
-    with open(path, "w") as out, open(tmp_path / "domains", "w") as domains:
-        gen.generate(aliases, aliases * 2, seed, out, domains, 12)
-    return path
+    return alias_sets.generate(tmp_path, seed, aliases, aliases * 2, 12)
 
 
 def _columns(path: Path, processes: int, local_domains=None) -> tuple:

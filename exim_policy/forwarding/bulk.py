@@ -524,7 +524,7 @@ def _line_kinds(lines: list[bytes], irregular: list[bool], scan_lines: set[int],
 
     A regular key line's plain continuations (no colon, no scanner character) are appended
     to it here, joined with one blank as Exim joins them; any other continuation makes the
-    whole entry the scanner's (sources._parse_part reads lines the same way).
+    whole entry the scanner's (see sources.irregular_entries).
 
     ``irregular`` marks the lines without exactly one colon (it is updated in place),
     ``scan_lines`` are those with a scanner character (``#``, ``"`` and ``*`` among them),
@@ -535,43 +535,14 @@ def _line_kinds(lines: list[bytes], irregular: list[bool], scan_lines: set[int],
     """
     for i in scan_lines:
         irregular[i] = True
+    entries, continued = sources.irregular_entries(
+        lines, irregular, lambda i, stripped: i not in scan_lines and b":" not in stripped,
+        b"#", _WHITE_SPACE)
     ends = set(end_lines)
-    entries: dict[int, list[int]] = {}
-    joined: dict[int, list[bytes]] = {}  # regular key line -> its text and continuations
-    cur = -1  # the entry that continuation lines extend
-    plain = False  # ... and whether it is still a regular one
-    last = -2  # the previous irregular line
-    for i in compress(range(len(lines)), list(irregular)):
-        if last != i - 1 and i > 0:
-            cur, plain = i - 1, True  # the line before was a regular key line
-        last = i
-        line = lines[i]
-        c = line[:1]
-        if not c or c == b"#":
-            cur = -1  # empty and comment lines end continuations (Exim)
-            continue
-        if c in _WHITE_SPACE:
-            if cur < 0:
-                continue  # after a comment or empty line: ignored (Exim)
-            stripped = line.strip()
-            if not stripped:
-                cur = -1
-            elif plain and i not in scan_lines and b":" not in stripped:
-                joined.setdefault(cur, [lines[cur].rstrip()]).append(stripped)
-                if i in end_lines:
-                    ends.add(cur)
-            elif plain:  # a continuation that needs the scanner: so does the entry
-                entries[cur] = [cur, i]
-                irregular[cur] = True
-                joined.pop(cur, None)
-                plain = False
-            else:
-                entries[cur][1] = i
-            continue
-        entries[i] = [i, i]
-        cur, plain = i, False
-    for i, parts in joined.items():  # (the scanner's entries need the lines unchanged)
-        lines[i] = b" ".join(parts)
+    for i, more in continued.items():  # (regular key lines only: the scanner reads its own)
+        lines[i] = b" ".join([lines[i].rstrip(), *(lines[k].strip() for k in more)])
+        if not end_lines.isdisjoint(more):
+            ends.add(i)
     ends = sorted(i for i in ends if not irregular[i])
     for i in ends:
         irregular[i] = True  # (for the mask of the first kind)

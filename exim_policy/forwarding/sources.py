@@ -793,40 +793,14 @@ def _parse_part(path: str, box: list[str], base: int, start: int, domain: str,
             flags[i] = True
     else:  # everything through the scanner (tests compare both ways)
         flags = [True] * n
-    scan: dict[int, list[int]] = {}  # entry -> [first, last] line (0-based) for the scanner
-    cur = -1  # the entry that continuation lines extend
-    cur_fast = False  # ... and whether it is still a fast one
-    last = -2  # the previous irregular line
+    scan, continued = irregular_entries(
+        lines, flags, lambda i, stripped: fast and i not in scan_lines and ":" not in stripped,
+        "#", _WS)
+    for i, more in continued.items():  # Exim turns the leading white space into one blank
+        datas[i] = " ".join([datas[i].rstrip(), *(lines[k].strip() for k in more)])
     for i in itertools.compress(range(n), flags):
-        if last != i - 1 and i > 0:
-            cur, cur_fast = i - 1, True  # the line before was a regular key line
-        last = i
-        line = lines[i]
         keys[i] = None
         datas[i] = ""
-        c = line[:1]
-        if not c or c == "#":
-            cur = -1  # empty and comment lines end continuations (Exim)
-            continue
-        if c in _WS:
-            if cur < 0:
-                continue  # after a comment/empty line, or before any key: ignored (Exim)
-            stripped = line.strip()
-            if not stripped:
-                cur = -1
-            elif cur_fast and fast and i not in scan_lines and ":" not in stripped:
-                # Exim turns the leading white space into one blank
-                datas[cur] = f"{datas[cur].rstrip()} {stripped}"
-            elif cur_fast:  # a continuation that needs the scanner: so does the entry
-                scan[cur] = [cur, i]
-                flags[cur] = True
-                keys[cur] = None
-                cur_fast = False
-            else:
-                scan[cur][1] = i
-            continue
-        scan[i] = [i, i]
-        cur, cur_fast = i, False
     batch.keys = keys
     batch.lines = array("i", range(base + 1, base + n + 1))
     # the scanner needs the original text of its entries: note where it is, free the lines
@@ -851,6 +825,51 @@ def _parse_part(path: str, box: list[str], base: int, start: int, domain: str,
         batch.keys_local = all(map(local_domains.__contains__, map(
             itemgetter(2), map(str.rpartition, filter(None, batch.keys), itertools.repeat("@")))))
     return batch, n_fast
+
+
+def irregular_entries(lines: list, flags: list[bool], plain, comment, white
+                      ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Read the irregular lines of an lsearch text (``flags``; str or bytes lines) as Exim
+    reads them.  Returns the scanner's entries, ``{key line: [first, last]}`` (0-based),
+    and the plain continuations of the other (regular) key lines, ``{key line:
+    [continuation lines]}``: those for which ``plain(line number, stripped line)`` holds.
+    A regular key line with any other continuation becomes the scanner's, its flag set.
+    ``comment`` starts a comment line (``"#"``), ``white`` holds the white space characters.
+    Empty and comment lines end continuations; indented lines after them, or before any
+    key, are ignored (Exim does the same)."""
+    scan: dict[int, list[int]] = {}
+    continued: dict[int, list[int]] = {}
+    cur = -1  # the entry that continuation lines extend
+    regular = False  # ... and whether it is still a regular one
+    last = -2  # the previous irregular line
+    for i in itertools.compress(range(len(lines)), flags):
+        if last != i - 1 and i > 0:
+            cur, regular = i - 1, True  # the line before was a regular key line
+        last = i
+        line = lines[i]
+        c = line[:1]
+        if not c or c == comment:
+            cur = -1
+            continue
+        if c in white:
+            if cur < 0:
+                continue
+            stripped = line.strip()
+            if not stripped:
+                cur = -1
+            elif regular and plain(i, stripped):
+                continued.setdefault(cur, []).append(i)
+            elif regular:  # a continuation that needs the scanner: so does the entry
+                scan[cur] = [cur, i]
+                flags[cur] = True
+                continued.pop(cur, None)
+                regular = False
+            else:
+                scan[cur][1] = i
+            continue
+        scan[i] = [i, i]
+        cur, regular = i, False
+    return scan, continued
 
 
 def _spans(lines: list[str], lowered: bool,
