@@ -598,7 +598,7 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         conn.close()
         child_conn.close()
         raise _StepBack from None
-    args.clear()  # the child has its own copy; ours would keep the whole text alive
+    args.clear()  # the child has its own copy; ours would keep the whole file alive
     child_conn.close()
     try:
         head = [raw[:split]]
@@ -613,8 +613,9 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         half.add_wildcards(wild)
         half.resolve_other(targets, owners, candidates)
         del targets, owners, candidates
-        (_tag, lines, keys, targets, esrc, edst, reached, scan_warnings) = _receive(conn)
-        n = half.lines + lines
+        (_tag, other_lines, other_keys, other_targets, esrc, edst, reached,
+         scan_warnings) = _receive(conn)
+        n = half.lines + other_lines
         half.reached.extend(reached)  # the child's mask covers the lines from base on
         del reached
         half.esrc.extend(esrc)
@@ -660,8 +661,8 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         body, count = "".join(f"{entry}\n" for entry in entries), len(entries)
     warnings.warn_all(over)
     warnings.warn_all(other_over)
-    aliases = len(half.keys) + keys + len(half.cover)
-    return MapData(body, count, aliases, half.targets + targets, 1,
+    aliases = len(half.keys) + other_keys + len(half.cover)
+    return MapData(body, count, aliases, half.targets + other_targets, 1,
                    tuple(warnings.warnings), warnings.warning_count)
 
 
@@ -700,8 +701,9 @@ def _receive(conn) -> tuple:
 def _child(conn, path: str, args: list[bytes], split: int, base: int,
            local: frozenset[str], covered: frozenset[str]) -> None:
     """The second half (see the module docstring).  It sends ``("unresolved", ...)``;
-    given the parent's, ``("edges", ...)``; given the final mask, ``("names", ...)``; or at
-    any point ``("step back", ...)``."""
+    given the parent's, ``("edges", ...)``; given the final mask and the pivot, ``("low",
+    ...)``, its part of the map below the pivot; given the parent's part from the pivot on,
+    ``("merged", ...)``, that part of the map; or at any point ``("step back", ...)``."""
     try:
         half = _Half(path, [args.pop()[split:]], base, local, covered)
         _send(conn, ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
@@ -723,8 +725,8 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         low, high, suspects, over = half.names(reached, pivot)
         _send(conn, ("low", (_join(b"\n", low[0]), low[1]), suspects, over))
         del low
-        _tag, (other_keys, other_extra) = conn.recv()
-        high = _merge(high, (other_keys, other_extra))
+        _tag, other_high = conn.recv()
+        high = _merge(high, other_high)
         _send(conn, ("merged", high, high.count(b"\n")))
     except _StepBack:
         _last_word(conn, ("step back",))

@@ -477,8 +477,8 @@ def _lists(n: int) -> list[list]:
 
 
 def writable(addresses: list[str], warn) -> list[str]:
-    """The sorted ``addresses`` without those that cannot be written to the map (``#`` or
-    white space in them), each of which is reported to ``warn``."""
+    """``addresses`` without those that cannot be written to the map (``#`` or white space
+    in them), each of which is reported to ``warn``."""
     bad = unwritable(addresses, warn)
     return [a for a in addresses if a not in bad] if bad else addresses
 
