@@ -478,9 +478,10 @@ def _join(separator: bytes, items: list[bytes], chunk: int = 8192) -> bytes:
 
 
 def _ascii(text: str) -> bytes:
+    """An address from the scanner, as bytes like the rest of the half."""
     try:
         return text.encode("ascii")
-    except UnicodeEncodeError:  # (an escape in a quoted key or address)
+    except UnicodeEncodeError:  # (a guard: the file is ASCII, so is what it parses into)
         raise _StepBack from None
 
 
