@@ -40,6 +40,7 @@ import gc
 import multiprocessing
 import operator
 import re
+import signal
 import threading
 from array import array
 from itertools import chain, compress, repeat
@@ -705,6 +706,8 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
     given the parent's, ``("edges", ...)``; given the final mask and the pivot, ``("low",
     ...)``, its part of the map below the pivot; given the parent's part from the pivot on,
     ``("merged", ...)``, that part of the map; or at any point ``("step back", ...)``."""
+    # Ctrl-C reaches the whole process group: the parent stops this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         half = _Half(path, [args.pop()[split:]], base, local, covered)
         _send(conn, ("unresolved", _join(b"\n", half.unresolved), half.unresolved_owners,
