@@ -118,7 +118,6 @@ def test_scenarios(tmp_path, text, expected):
 
 
 @pytest.mark.parametrize("name,text", [
-    ("duplicate key in one half", "a@x.test: out@gmail.example\na@x.test: m@x.test\n"),
     ("duplicate key across the halves", "a@x.test: out@gmail.example\n"
      + "".join(f"u{i}@x.test: v{i}@x.test\n" for i in range(50)) + "a@x.test: m@x.test\n"),
     ("key outside the local domains", "a@other.example: out@gmail.example\n"),
@@ -151,6 +150,23 @@ def test_what_it_steps_back_from(tmp_path, name, text):
         assert str(raised.value) == str(exc)
     else:
         assert build.map_data(config, bulk_min_lines=0) == expected
+
+
+def test_duplicate_keys_in_one_half(tmp_path):
+    """The first line of a key wins, the others are warned about and ignored (a later one
+    must not be what targets resolve to, nor be listed)."""
+    lines = [f"u{i}@x.test: v{i}@x.test\n" for i in range(40)]
+    lines[3] = "dup@x.test: mbox@x.test\n"
+    lines[5] = "dup@x.test: out@gmail.example\n"  # ignored: dup does not forward
+    lines[7] = "via@x.test: dup@x.test\n"
+    lines[9] = '"dup@X.test": out@gmail.example\n'  # a scanner entry, ignored too
+    lines[30] = "late@y.test: out@gmail.example\n"
+    lines[32] = "late@y.test: mbox@y.test\n"  # ignored: late forwards
+    lines[34] = "*@y.test: catch@gmail.example\n"
+    data = _same(_config(tmp_path, "".join(lines)))
+    assert "late@y.test" in data.entries
+    assert "dup@x.test" not in data.entries and "via@x.test" not in data.entries
+    assert sum("duplicate key" in w for w in data.warnings) == 3
 
 
 def test_include_steps_back(tmp_path):

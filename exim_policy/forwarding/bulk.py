@@ -25,8 +25,8 @@ int arrays, byte masks and joined byte strings cross the pipe.  The work is on b
 text (the file is ASCII): a million bytes objects are split, hashed and looked up faster.
 Figures: bench/bench_forwarding.py, in the README.
 
-Anything this route does not handle in bulk -- several sources, duplicate keys, keys
-outside the local domains, bare local parts, non-ASCII text, ``:include:``, a ``*`` key,
+Anything this route does not handle in bulk -- several sources, a key in both halves,
+keys outside the local domains, bare local parts, non-ASCII text, ``:include:``, a ``*`` key,
 a bad line (whose exact error the general route reports), a child process that dies --
 makes it step back (:func:`map_data` returns None) and the caller takes the general route,
 which then gives the same result, warnings and errors as always.  tests/test_forwarding_bulk.py
@@ -203,14 +203,37 @@ class _Half:
         self._scanned(path, scanned, local_targets, local_owners)
         del scanned
         self.index = dict(zip(self.keys, self.key_ids))
+        #: ``file:line: duplicate key ...`` warnings, in line order
+        self.duplicates: list[str] = []
         if len(self.index) != len(self.keys):
-            raise _StepBack  # duplicate keys: the general route warns about each
+            self._first_keys_win(path)
         #: targets without a key here that a wildcard covers: the general route lists such
         #: mailboxes when their wildcard forwards (the other half lists those that are not
         #: keys there either)
         self.candidates = list(dict.fromkeys(compress(self.candidates, map(
             operator.not_, map(self.index.__contains__, self.candidates)))))
         self._resolve_own(local_targets, local_owners)
+
+    def _first_keys_win(self, path: str) -> None:
+        """A key on several lines: the first line wins (Exim's lsearch), the others are
+        ignored with a warning, as the general route does.  Their own targets stay (an
+        ignored entry's edges lead nowhere anyone looks), nothing resolves to them."""
+        index: dict[bytes, int] = {}
+        ignored = {}
+        for node, key in sorted(zip(self.key_ids, self.keys)):  # (line order)
+            if key in index:
+                ignored[node] = key
+            else:
+                index[key] = node
+        self.index = index
+        self.duplicates = [f"{path}:{node + 1}: duplicate key {key.decode()!r} ignored "
+                           "(the first one wins)" for node, key in ignored.items()]
+        keep = list(map(operator.not_, map(ignored.__contains__, self.key_ids)))
+        self.scanned_keys = sum(keep[:self.scanned_keys])
+        self.keys = list(compress(self.keys, keep))
+        self.key_ids = list(compress(self.key_ids, keep))
+        self.covered_keys = [(node, key) for node, key in self.covered_keys
+                             if node not in ignored]
 
     def _lines(self, text: bytes) -> tuple[list, list]:
         """The half's text -> the two groups of regular lines, each ``(nodes, lines
@@ -616,7 +639,7 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         half.resolve_other(targets, owners, candidates)
         del targets, owners, candidates
         (_tag, other_lines, other_keys, other_targets, esrc, edst, reached,
-         scan_warnings) = _receive(conn)
+         scan_warnings, duplicates) = _receive(conn)
         n = half.lines + other_lines
         half.reached.extend(reached)  # the child's mask covers the lines from base on
         del reached
@@ -652,7 +675,7 @@ def _two_halves(path: str, box: list[bytes], local: frozenset[str],
         if proc.is_alive():
             proc.terminate()
         proc.join(10)
-    for message in chain(half.warnings, scan_warnings):
+    for message in chain(half.warnings, scan_warnings, half.duplicates, duplicates):
         warnings.warn(message)
     count += low.count(b"\n")
     body = (low + high).decode("ascii")
@@ -718,7 +741,7 @@ def _child(conn, path: str, args: list[bytes], split: int, base: int,
         half.resolve_other(targets, owners, candidates)
         del targets, owners, candidates
         _send(conn, ("edges", half.lines, len(half.keys), half.targets, half.esrc,
-                     half.edst, half.reached[base:], half.warnings))
+                     half.edst, half.reached[base:], half.warnings, half.duplicates))
         # While the parent searches: a key in both halves?  The general route warns about
         # it (and the edges above may be wrong then, so nothing of this route is used).
         if parent_keys and not half.index.keys().isdisjoint(parent_keys.split(b"\n")):
