@@ -218,14 +218,17 @@ class _Half:
         """A key on several lines: the first line wins (Exim's lsearch), the others are
         ignored with a warning, as the general route does.  Their own targets stay (an
         ignored entry's edges lead nowhere anyone looks), nothing resolves to them."""
-        index: dict[bytes, int] = {}
+        counts = collections.Counter(self.keys)
+        twice = {key for key, count in counts.items() if count > 1}
+        del counts
         ignored = {}
-        for node, key in sorted(zip(self.key_ids, self.keys)):  # (line order)
-            if key in index:
-                ignored[node] = key
+        for node, key in sorted(compress(zip(self.key_ids, self.keys),  # (in line order)
+                                         map(twice.__contains__, self.keys))):
+            if key in twice:
+                twice.discard(key)
+                self.index[key] = node  # the first
             else:
-                index[key] = node
-        self.index = index
+                ignored[node] = key
         self.duplicates = [f"{path}:{node + 1}: duplicate key {key.decode()!r} ignored "
                            "(the first one wins)" for node, key in ignored.items()]
         keep = list(map(operator.not_, map(ignored.__contains__, self.key_ids)))
