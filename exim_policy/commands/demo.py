@@ -201,10 +201,15 @@ def send(stack: Stack, message: bytes, rcpts: Sequence[str], *, sender: str = ST
             code, text = smtp.rcpt(rcpt)
             if code not in (250, 251):
                 return code, text.decode(errors="replace"), None
-        try:
-            code, text = smtp.data(message)
-        except smtplib.SMTPDataError as exc:
-            code, text = exc.smtp_code, exc.smtp_error
+        return _data(smtp, message)
+
+
+def _data(smtp: smtplib.SMTP, message: bytes) -> tuple[int, str, str | None]:
+    """DATA: (code, reply on one line, Exim queue id if accepted)."""
+    try:
+        code, text = smtp.data(message)
+    except smtplib.SMTPDataError as exc:
+        code, text = exc.smtp_code, exc.smtp_error
     reply = one_line(text.decode(errors="replace"))
     found = re.search(r"\bid=(\S+)", reply)
     return code, reply, found.group(1) if found and code == 250 else None
@@ -239,15 +244,9 @@ def send_like_an_mta(stack: Stack, message: bytes, rcpts: Sequence[str],
             if not accepted:
                 transactions.append((tuple(pending), code, first_reply, None))
                 break
-            try:
-                code, text = smtp.data(message)
-            except smtplib.SMTPDataError as exc:
-                code, text = exc.smtp_code, exc.smtp_error
-        reply = one_line(text.decode(errors="replace"))
-        found = re.search(r"\bid=(\S+)", reply)
+            code, reply, queue_id = _data(smtp, message)
         transactions.append((tuple(accepted), code, (first_reply + "; " if first_reply else "")
-                             + f"DATA {code} {reply}", found.group(1) if found and code == 250
-                             else None))
+                             + f"DATA {code} {reply}", queue_id))
         if code // 100 == 5 or not deferred or deferred == pending:
             break  # refused, or nothing left, or no progress
         pending = deferred

@@ -29,13 +29,13 @@ import os
 import pwd
 import re
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ..forwarding.writer import atomic_write
 from .errors import LabError, LabUnavailable
 from .ports import LOOPBACK, free_port
 from .process import ManagedProcess
@@ -257,20 +257,7 @@ class RspamdLab:
             raise ValueError(f"map name must be a plain file name, not {name!r}")
         self.maps_dir.mkdir(parents=True, exist_ok=True)
         target = self.maps_dir / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.maps_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fchmod(fh.fileno(), 0o644)
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(str(target), text)  # (a new file is 0644: readable by _rspamd)
         return target
 
     # ---------------------------------------------------------------- actions --

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,10 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from e2e_helpers import FORWARD_TARGET, FORWARDER  # noqa: E402
+from e2e_helpers import (FORWARD_TARGET, FORWARDER, Stack, running_stack,  # noqa: E402
+                         start_or_fail)
 
-from exim_policy.lab import LabError, LabUnavailable, RspamdLab, SmtpSink  # noqa: E402
+from exim_policy.lab import RspamdLab, SmtpSink  # noqa: E402
 from exim_policy.lab.exim import EximLab, ipv6_loopback_available  # noqa: E402
 from exim_policy.lab.shim import ShimLab  # noqa: E402
 
@@ -52,10 +52,7 @@ def e2e_dir(lab_dir: Path) -> Path:
 def shim(e2e_dir: Path, rspamd: RspamdLab) -> Iterator[ShimLab]:
     lab = ShimLab(e2e_dir, rspamd_url=rspamd.url, forwarding=(FORWARDER,),
                   relay_networks=(f"{RELAY_HOST}/128",))
-    try:
-        lab.start()
-    except RuntimeError as exc:
-        pytest.fail(f"cannot start the shim: {exc}", pytrace=False)
+    start_or_fail(lab, "the shim")
     yield lab
     lab.stop()
 
@@ -67,28 +64,12 @@ def exim(e2e_dir: Path, shim: ShimLab, sink: SmtpSink) -> Iterator[EximLab]:
                     "IPv6 loopback", pytrace=False)
     lab = EximLab(e2e_dir, spamd_address=shim.spamd_address, sink_port=sink.port,
                   relay_hosts=f"<; {RELAY_HOST}", aliases=ALIASES)
-    try:
-        lab.start()
-    except (LabUnavailable, LabError) as exc:
-        lab.stop()
-        pytest.fail(f"cannot start the lab's Exim: {exc}", pytrace=False)
+    start_or_fail(lab, "the lab's Exim")
     yield lab
     lab.stop()
-
-
-@dataclass
-class Stack:
-    exim: EximLab
-    shim: ShimLab
-    rspamd: RspamdLab
-    sink: SmtpSink
 
 
 @pytest.fixture
 def stack(exim: EximLab, shim: ShimLab, rspamd_running: RspamdLab,
           smtp_sink: SmtpSink) -> Stack:
-    if not shim.alive():
-        shim.start()
-    if not exim.alive():
-        exim.start()
-    return Stack(exim, shim, rspamd_running, smtp_sink)
+    return running_stack(exim, shim, rspamd_running, smtp_sink)

@@ -9,7 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from exim_policy.lab import RspamdLab, SmtpSink
 from exim_policy.lab.exim import EximLab
+from exim_policy.lab.shim import ShimLab
 
 LOCAL = "bob@lab.test"
 LOCAL2 = "carol@lab.test"
@@ -165,3 +169,33 @@ def build_debian_config(base: Path, exim_dir: Path, site_macros: str, *,
     assert built.returncode == 0, built.stdout + built.stderr
     output.chmod(0o644)
     return output
+
+
+@dataclass
+class Stack:
+    """Exim -> shim -> Rspamd, and the SMTP sink Exim relays to."""
+
+    exim: EximLab
+    shim: ShimLab
+    rspamd: RspamdLab
+    sink: SmtpSink
+
+
+def running_stack(exim: EximLab, shim: ShimLab, rspamd: RspamdLab, sink: SmtpSink) -> Stack:
+    """The stack, with the shim and Exim (re)started if a test stopped them."""
+    if not shim.alive():
+        shim.start()
+    if not exim.alive():
+        exim.start()
+    return Stack(exim, shim, rspamd, sink)
+
+
+def start_or_fail(lab, what: str):
+    """Start a lab part (Exim, the shim) for a fixture and return it; if it cannot start,
+    stop what did and fail the test with one line (``cannot start <what>: ...``)."""
+    try:
+        lab.start()
+    except RuntimeError as exc:  # (LabError and LabUnavailable are RuntimeErrors)
+        lab.stop()
+        pytest.fail(f"cannot start {what}: {exc}", pytrace=False)
+    return lab

@@ -23,16 +23,16 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import messages
 import pytest
 from e2e_helpers import (AUTH, FORWARD_TARGET, FORWARDER, INBOUND_SENDER, LOCAL, LOCAL2,
-                         USER_ADDRESS, build_debian_config, in_mailbox, in_sink, no_bounce_since, wait_mailbox,
+                         USER_ADDRESS, Stack, build_debian_config, in_mailbox, in_sink,
+                         no_bounce_since, running_stack, start_or_fail, wait_mailbox,
                          wait_sink)
 
-from exim_policy.lab import LabError, LabUnavailable, RspamdLab, SmtpSink
+from exim_policy.lab import LabUnavailable, RspamdLab, SmtpSink
 from exim_policy.lab.exim import EximLab, check_prerequisites, ipv6_loopback_available
 from exim_policy.lab.ports import LOOPBACK
 from exim_policy.lab.shim import ShimLab
@@ -64,10 +64,7 @@ def split_shim(e2e_dir: Path, rspamd: RspamdLab) -> Iterator[ShimLab]:
     lab = ShimLab(_fresh_dir(e2e_dir, "rcpt-acl"), rspamd_url=rspamd.url,
                   forwarding=(FORWARDER, FORWARDER2, DEBIAN_FORWARDER),
                   relay_networks=("::1/128",))
-    try:
-        lab.start()
-    except RuntimeError as exc:
-        pytest.fail(f"cannot start the shim: {exc}", pytrace=False)
+    start_or_fail(lab, "the shim")
     yield lab
     lab.stop()
 
@@ -77,11 +74,7 @@ def _start_exim(workdir: Path, shim: ShimLab, sink: SmtpSink, query_address: str
     lab = EximLab(workdir, spamd_address=shim.spamd_address, sink_port=sink.port,
                   relay_hosts="<; ::1", aliases=ALIASES, ipv6=ipv6,
                   query_address=query_address)
-    try:
-        lab.start()
-    except (LabUnavailable, LabError) as exc:
-        lab.stop()
-        pytest.fail(f"cannot start the lab's Exim: {exc}", pytrace=False)
+    start_or_fail(lab, "the lab's Exim")
     return lab
 
 
@@ -96,21 +89,10 @@ def split_exim(e2e_dir: Path, split_shim: ShimLab, sink: SmtpSink) -> Iterator[E
     lab.stop()
 
 
-@dataclass
-class Split:
-    exim: EximLab
-    shim: ShimLab
-    sink: SmtpSink
-
-
 @pytest.fixture
 def split(split_exim: EximLab, split_shim: ShimLab, rspamd_running: RspamdLab,
-          smtp_sink: SmtpSink) -> Split:
-    if not split_shim.alive():
-        split_shim.start()
-    if not split_exim.alive():
-        split_exim.start()
-    return Split(split_exim, split_shim, smtp_sink)
+          smtp_sink: SmtpSink) -> Stack:
+    return running_stack(split_exim, split_shim, rspamd_running, smtp_sink)
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import messages
 import pytest
-from e2e_helpers import AUTH, EXTERNAL, LOCAL, USER_ADDRESS, in_sink, send, wait_sink
+from e2e_helpers import (AUTH, EXTERNAL, LOCAL, USER_ADDRESS, in_sink, send, start_or_fail,
+                         wait_sink)
 
-from exim_policy.lab import LabError
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
 
@@ -137,11 +137,7 @@ def doc_config(spamd_address: str) -> str:
 def doc_exim(e2e_dir: Path, shim: ShimLab, sink) -> Iterator[EximLab]:
     lab = EximLab(e2e_dir / "rspamd-doc", spamd_address=shim.spamd_address,
                   sink_port=sink.port, template=doc_config(shim.spamd_address), ipv6=False)
-    try:
-        lab.start()
-    except LabError as exc:
-        lab.stop()
-        pytest.fail(f"cannot start Exim with Rspamd's example config: {exc}", pytrace=False)
+    start_or_fail(lab, "Exim with Rspamd's example config")
     yield lab
     lab.stop()
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import messages
 import pytest
-from e2e_helpers import FORWARDER, LOCAL, send, wait_mailbox
+from e2e_helpers import FORWARDER, LOCAL, send, start_or_fail, wait_mailbox
 from test_e2e_rspamd_doc_acl import LAB_HEAD, LAB_TAIL
 
-from exim_policy.lab import LabError
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
 
@@ -47,11 +46,7 @@ def sa_exim(e2e_dir: Path, shim: ShimLab, sink) -> Iterator[EximLab]:
     address = f"127.0.0.1 {shim.port}"  # no variant=: the SpamAssassin protocol
     lab = EximLab(e2e_dir / "sa-variant", spamd_address=address, sink_port=sink.port,
                   template=LAB_HEAD + SA_ACL.format(address=address) + LAB_TAIL, ipv6=False)
-    try:
-        lab.start()
-    except LabError as exc:
-        lab.stop()
-        pytest.fail(f"cannot start Exim with the SA-variant config: {exc}", pytrace=False)
+    start_or_fail(lab, "Exim with the SA-variant config")
     yield lab
     lab.stop()
 
