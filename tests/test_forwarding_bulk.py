@@ -10,6 +10,9 @@ the general route's result or raise its error.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import alias_sets
 from test_forwarding_graph import SCENARIOS
 
 LOCAL = ("x.test", "y.test", "z.test")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, text: str | bytes, local=LOCAL) -> ForwardingConfig:
@@ -185,6 +189,45 @@ def test_a_dead_second_process_means_the_general_route(tmp_path, monkeypatch):
     monkeypatch.setattr(bulk, "_child", lambda conn, *args: os._exit(3))
     assert _bulk(config) is None
     assert build.map_data(config, bulk_min_lines=0) == _general(config)
+
+
+CTRL_C = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from exim_policy.config import load
+from exim_policy.forwarding import build, bulk
+def hold(*args, **kwargs):  # both processes wait here, after the swap
+    print("ready", os.getpid(), flush=True)
+    time.sleep(30)
+bulk._Half.resolve_other = hold
+build.map_data(load({config!r}).forwarding, bulk_min_lines=0)
+"""
+
+
+def test_ctrl_c_stops_both_processes_quietly(tmp_path):
+    """Ctrl-C reaches the whole process group: the parent stops, stopping the second
+    process, which itself ignores the signal (no second traceback, nothing left over)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[forwarding]\nlocal_domains = ["x.test"]\nmap = "{tmp_path}/map"\n'
+                      f'[[forwarding.sources]]\ntype = "lsearch"\npath = "{tmp_path}/virtual"\n')
+    (tmp_path / "virtual").write_text("".join(f"u{i}@x.test: v{i + 1}@x.test\n"
+                                               for i in range(100)))
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C.format(root=str(ROOT),
+                                                               config=str(config))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        pids = [int(proc.stdout.readline().split()[1]) for _ in range(2)]
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert "Process ForkProcess" not in err  # the second process said nothing
+    child = next(pid for pid in pids if pid != proc.pid)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
 
 
 def test_only_single_threaded_and_large_enough(tmp_path):
