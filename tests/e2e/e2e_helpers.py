@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exim_policy.lab import RspamdLab, SmtpSink
-from exim_policy.lab.exim import EximLab
+from exim_policy.lab.exim import HOSTNAME, EximLab
 from exim_policy.lab.shim import ShimLab
 
 LOCAL = "bob@lab.test"
@@ -160,8 +160,12 @@ def build_debian_config(base: Path, exim_dir: Path, site_macros: str, *,
     hooks = f"CHECK_DATA_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_data.conf\n"
     if rcpt_hook:
         hooks += f"CHECK_RCPT_LOCAL_ACL_FILE = {conf_d}/acl/exim-policy_check_rcpt.conf\n"
+    # Debian leaves primary_hostname unset: Exim then resolves the machine's own name at
+    # every start, -bV and -bh, through the system resolver (a server off this machine
+    # when /etc/hosts has no line for it). A fixed name, and no host lookups at all.
     (conf_d / "main" / "000_test_site").write_text(
         site_macros + hooks + f"SPOOLDIR = {spool}\n"
+        f"MAIN_HARDCODE_PRIMARY_HOSTNAME = {HOSTNAME}\n"
         "MAIN_HOST_LOOKUP =\nhost_lookup_order =\nrfc1413_hosts =\n")
     output = base / "exim4.conf"
     built = subprocess.run(["update-exim4.conf", "-d", str(confdir), "-o", str(output)],
