@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -100,6 +101,9 @@ def main() -> int:
     ap.add_argument("--log-level", default="info", help="the shim's log level")
     ap.add_argument("--paragraphs", type=int, default=18,
                     help="message size: 18 gives ~3 KB, 300 ~50 KB")
+    ap.add_argument("--idle", type=int, default=0,
+                    help="connections held open to the shim meanwhile, half of them silent, "
+                         "half having sent one byte (a slowloris)")
     args = ap.parse_args()
 
     payloads = [exim_request(i, args.paragraphs) for i in range(args.messages // args.rounds)]
@@ -107,6 +111,9 @@ def main() -> int:
             Lab(workdir) as lab:
         shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
         shim.start()
+        idle = [socket.create_connection(("127.0.0.1", shim.port)) for _ in range(args.idle)]
+        for sock in idle[::2]:
+            sock.sendall(b"C")
         try:
             rspamd_pids = group_members(lab.rspamd.process.pid)  # master + workers
             results = {"direct": ([], 0.0, 0.0), "shim": ([], 0.0, 0.0)}
@@ -128,10 +135,13 @@ def main() -> int:
                         shim_sys += cpu_times([shim.proc.pid])[1] - c_sys
                         rspamd_cpu_in_shim_phase += d_rspamd
         finally:
+            for sock in idle:
+                sock.close()
             shim.stop()
 
     print(f"messages per path: {len(payloads) * args.rounds}  concurrency: {args.concurrency}"
-          f"  rounds: {args.rounds}  message: {len(payloads[0])} bytes  cores: {os.cpu_count()}")
+          f"  rounds: {args.rounds}  message: {len(payloads[0])} bytes  cores: {os.cpu_count()}"
+          f"  idle connections to the shim: {args.idle}")
     rates = {}
     for name, (lats, total, _) in results.items():
         rates[name] = len(lats) / total

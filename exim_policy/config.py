@@ -170,15 +170,24 @@ class ServerConfig:
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
     #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
     unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode))
-    #: connections served at once; further ones wait up to ``queue_timeout`` for a slot
-    max_connections: int = field(default=256, metadata=_parse(_positive_int))
+    #: open client connections; when full, the one that has been sending its request
+    #: longest is closed to make room (one still sending holds no scan slot)
+    max_connections: int = field(default=1024, metadata=_parse(_positive_int))
+    #: requests scanned at once (Rspamd connections); more wait up to queue_timeout,
+    #: then get the configured [failure] outcome
+    max_scans: int = field(default=256, metadata=_parse(_positive_int))
+    #: body bytes held at once over all connections; a request that does not fit waits
+    #: up to queue_timeout, then gets a temporary error (Exim defers it)
+    max_bytes_in_flight: int = field(default=256 * 1024 * 1024, metadata=_parse(_positive_int))
     queue_timeout: float = field(default=10.0, metadata=_parse(_positive))
     #: larger requests are refused as soon as their Content-length is read
     max_message_size: int = field(default=50 * 1024 * 1024, metadata=_parse(_positive_int))
     #: longest wait for the next bytes of a request
     read_timeout: float = field(default=30.0, metadata=_parse(_positive))
-    #: longest time to receive one whole request
+    #: longest time to receive one whole request, counted from the connect
     request_timeout: float = field(default=110.0, metadata=_parse(_positive))
+    #: on SIGTERM, how long requests still arriving or being scanned may take to finish
+    shutdown_timeout: float = field(default=30.0, metadata=_parse(_positive))
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,11 @@ def load(path: str | Path) -> Config:
 
 def from_dict(data: dict) -> Config:
     config = _build(Config, data, "")
+    server = config.server
+    if server.max_message_size > server.max_bytes_in_flight:
+        raise ConfigError(f"server.max_bytes_in_flight: {server.max_bytes_in_flight} is below "
+                          f"server.max_message_size ({server.max_message_size}): a message of "
+                          "the largest allowed size could never be held")
     for i, source in enumerate(config.forwarding.sources):
         try:
             source.check()

@@ -3,26 +3,64 @@ together and run until SIGTERM/SIGINT. SIGHUP re-reads the forwarding map at onc
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import resource
 import signal
 
 from .config import Config
 from .forwarding.watch import MapWatcher
 from .query import QueryServer
 from .scanner.rspamd import RspamdScanner
-from .server import SpamdServer
 from .service import PolicyService
+from .transport.limits import Limits
+from .transport.spamd import SpamdServer
 
 log = logging.getLogger("exim_policy")
 
+#: glibc's mallopt() parameter M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+#: blocks from this size up are mapped on their own and unmapped when freed
+MMAP_THRESHOLD = 512 * 1024
+
+
+def tune_process(config: Config) -> None:
+    """Process settings the limits rely on.
+
+    - Open files: every connection is a descriptor (plus one to Rspamd per scan), so the
+      soft limit is raised to the hard one (systemd's default soft limit is 1024).
+    - Memory: glibc raises its mmap threshold each time a large block is freed, up to
+      32 MiB; after the first large message, bodies of later ones then come from the heap,
+      where growing or freeing them can hold up to twice their size and is not given back.
+      A fixed threshold keeps every large body in its own mapping, returned when freed.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = config.server.max_connections + config.server.max_scans + 64
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft < need:
+        log.warning("open files limit %d is below server.max_connections + server.max_scans "
+                    "+ 64 = %d: raise LimitNOFILE (systemd) or lower the limits", soft, need)
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc: its allocator has no such knob
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
 
 async def run(config: Config) -> None:
+    tune_process(config)
     watcher = MapWatcher(config.forwarding.map, config.forwarding.reload_interval)
     await asyncio.to_thread(watcher.load_now)
     scanner = RspamdScanner(config.rspamd.url, config.rspamd.timeout)
     forwards = lambda address: watcher.current.forwards(address)  # noqa: E731 - always the current map
     service = PolicyService(config, scanner, forwards)
-    server = SpamdServer(config.server, service.handle)
+    limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
+    server = SpamdServer(config.server, service.handle, limits)
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode)
     await server.start()
@@ -48,7 +86,8 @@ async def run(config: Config) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("stopping: no new connections, finishing requests in flight")
+        log.info("stopping: no new connections; finishing the requests open, arriving or "
+                 "being scanned (up to %gs)", config.server.shutdown_timeout)
         watch.cancel()
         await queries.stop()
         await server.stop()

@@ -48,7 +48,9 @@ class Request:
     command: str   # "CHECK", "SYMBOLS", "REPORT", "PING", ...
     version: str   # "1.3", "1.2", "1.5", ...
     headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
+    #: the parser's own buffer (a bytearray) when it comes off the wire: never copied,
+    #: and never changed once the request is complete
+    body: bytes | bytearray = b""
 
     def header(self, name: str) -> str | None:
         """First value of a header, matched case-insensitively."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from .listeners import client_allowed, start_listeners
+from .transport.listeners import client_allowed, start_listeners
 
 MAX_LINE = 1024
 READ_TIMEOUT = 5.0

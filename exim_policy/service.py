@@ -5,6 +5,7 @@ Transport-free (the server owns sockets), so the daemon and ``exim-policy test``
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from .policy import classify, decide
 from .protocol import rspamc, spamc
 from .protocol.mbox import strip_mbox_from_line
 from .scanner import Scanner, ScannerError
+from .scanner.rspamd import within
 
 log = logging.getLogger("exim_policy.decision")
 
@@ -34,24 +36,45 @@ class PolicyService:
         self.scanner = scanner
         #: "does this recipient forward externally" (the current forwarding map)
         self.forwards = forwards
+        #: scans under way at once (server.max_scans): each is a connection to Rspamd
+        self._scan_slots = asyncio.Semaphore(config.server.max_scans)
 
     def context_for(self, envelope: Envelope) -> Context:
         return Context(forwarding=frozenset(r for r in envelope.recipients if self.forwards(r)))
 
-    async def evaluate(self, envelope: Envelope, body: bytes) -> Evaluation:
-        """Scan one message and decide. A scanner failure becomes a configured decision
-        here, in one place; every other exception is a bug and propagates."""
+    async def evaluate(self, envelope: Envelope, body: bytes | bytearray) -> Evaluation:
+        """Scan one message and decide. A scanner failure (or no free scan slot within
+        ``server.queue_timeout``) becomes a configured decision here, in one place; every
+        other exception is a bug and propagates."""
         started = time.monotonic()
         context = self.context_for(envelope)
         traffic, _ = classify(envelope, context, self.config)
         settings_id = self.config.rspamd.settings_id.for_traffic(traffic)
         scan: ScanResult | ScanFailure
         try:
-            scan = await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id)
-        except ScannerError as exc:
-            scan = ScanFailure(str(exc))
+            await self._scan_slot()
+        except TimeoutError:
+            scan = ScanFailure(f"no free scan slot within {self.config.server.queue_timeout:g}s"
+                               f" (server.max_scans = {self.config.server.max_scans})")
+        else:
+            try:
+                scan = await self.scanner.scan(strip_mbox_from_line(body), envelope,
+                                               settings_id)
+            except ScannerError as exc:
+                scan = ScanFailure(str(exc))
+            finally:
+                self._scan_slots.release()
         decision = decide(envelope, scan, context, self.config)
         return Evaluation(envelope, decision, time.monotonic() - started)
+
+    async def _scan_slot(self) -> None:
+        if not self._scan_slots.locked():
+            await self._scan_slots.acquire()  # free: returns at once, no timer needed
+            return
+        try:
+            await within(self.config.server.queue_timeout, self._scan_slots.acquire())
+        except asyncio.TimeoutError:  # (an alias of TimeoutError only from 3.11)
+            raise TimeoutError from None
 
     async def handle(self, request: Request) -> bytes | None:
         """Reply bytes for a request, or None: close without answering."""

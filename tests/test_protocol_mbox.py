@@ -18,7 +18,7 @@ from golden import captures as cap  # noqa: E402 (tests/ is on sys.path, see con
 
 # ------------------------------------------------------------------------------- strip --
 def test_strip_exim_from_line():
-    stripped = strip_mbox_from_line(cap.EXIM_MBOX_484)
+    stripped = bytes(strip_mbox_from_line(cap.EXIM_MBOX_484))
     assert stripped.startswith(b"X-Envelope-From: <sender@example.org>\n")
     assert cap.EXIM_MBOX_484.endswith(stripped)
 
@@ -31,6 +31,9 @@ def test_strip_leaves_other_bodies_alone(body):
 
 def test_strip_only_the_first_line():
     assert strip_mbox_from_line(b"From a b\nFrom c d\n") == b"From c d\n"
+    body = bytearray(b"From a b\nSubject: x\n\nbig\n")
+    view = strip_mbox_from_line(body)
+    assert isinstance(view, memoryview) and view.obj is body  # a view: no copy of the body
     assert strip_mbox_from_line(b"From MAILER-DAEMON Sun Nov 22") == b""
 
 
@@ -147,4 +150,4 @@ def test_wrap_then_read_round_trip(sender, recipients, message):
     wrapped = exim_mbox_wrap(message, sender=sender, recipients=recipients,
                              now=datetime(2026, 11, 22))
     assert envelope_from_mbox(wrapped) == (sender, tuple(recipients))
-    assert strip_mbox_from_line(wrapped).endswith(message.replace(b"\r\n", b"\n"))
+    assert bytes(strip_mbox_from_line(wrapped)).endswith(message.replace(b"\r\n", b"\n"))

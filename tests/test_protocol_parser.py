@@ -353,6 +353,73 @@ def test_memory_stays_bounded_whatever_the_peer_sends():
     assert current - base < 256 * 1024, current - base
 
 
+# ------------------------------------------------------------------- body reservation --
+class Gate:
+    """A reserve() callback: grants while ``open``, records every amount asked."""
+
+    def __init__(self, open_: bool = True) -> None:
+        self.open = open_
+        self.asked: list[int] = []
+
+    def __call__(self, amount: int) -> bool:
+        self.asked.append(amount)
+        return self.open
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_the_declared_length_is_reserved_once_before_the_body_is_held(chunk):
+    gate = Gate()
+    data = cap.EXIM_RSPAMC_AUTH
+    event = parse(data, chunk, reserve=gate)
+    assert isinstance(event, Request) and event.body == cap.EXIM_MBOX_484
+    assert gate.asked == [len(cap.EXIM_MBOX_484)]
+    assert isinstance(event.body, bytearray)  # the buffer itself, not a copy of it
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_a_refused_reservation_holds_the_parser_until_resume(chunk):
+    gate = Gate(open_=False)
+    parser = RequestParser(reserve=gate)
+    data = cap.EXIM_RSPAMC_AUTH
+    step = chunk or len(data)
+    for i in range(0, len(data), step):
+        parser.feed(data[i:i + step])
+    assert parser.held and parser.next_event() is NEED_DATA
+    assert parser.wanted == len(cap.EXIM_MBOX_484) and parser.reserved == 0
+    parser.resume()  # the caller reserved the bytes itself
+    event = parser.next_event()
+    assert isinstance(event, Request) and event.body == cap.EXIM_MBOX_484
+    assert parser.reserved == len(cap.EXIM_MBOX_484) and not parser.held
+
+
+def test_a_body_to_eof_reserves_each_chunk_and_can_be_held_midway():
+    gate = Gate()
+    parser = RequestParser(reserve=gate)
+    parser.feed(b"REPORT SPAMC/1.2\r\n\r\nabc")
+    gate.open = False
+    parser.feed(b"defg")
+    assert parser.held and parser.wanted == 4
+    parser.feed(b"hi")      # arrives while held: kept, asked for after the resume
+    parser.feed_eof()       # EOF while held ends the body only after the resume
+    assert parser.next_event() is NEED_DATA
+    gate.open = True
+    parser.resume()
+    event = parser.next_event()
+    assert isinstance(event, Request) and event.body == b"abcdefghi"
+    assert gate.asked == [3, 4, 2] and parser.reserved == 9
+
+
+def test_an_empty_body_asks_for_nothing():
+    gate = Gate(open_=False)
+    event = parse(b"CHECK RSPAMC/1.3\r\nContent-length: 0\r\n\r\n", reserve=gate)
+    assert isinstance(event, Request) and event.body == b"" and gate.asked == []
+
+
+def test_resume_without_a_refusal_is_a_bug():
+    with pytest.raises(RuntimeError):
+        RequestParser().resume()
+
+
 # ------------------------------------------------------------------------ hypothesis --
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})

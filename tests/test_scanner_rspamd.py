@@ -8,7 +8,7 @@ import pytest
 
 from exim_policy.model import Envelope
 from exim_policy.scanner import ScannerError
-from exim_policy.scanner.rspamd import RspamdScanner, build_request, parse_reply
+from exim_policy.scanner.rspamd import RspamdScanner, parse_reply, request_head
 
 # /checkv2 replies as captured from Rspamd 3.4 (shared protocol notes, §3.3)
 GTUBE_JSON = (b'{"is_skipped":true,"score":15.0,"required_score":15.0,"action":"reject",'
@@ -28,8 +28,8 @@ def test_request_carries_envelope_and_settings_id():
     env = Envelope(sender="a@example.org", recipients=("b@example.com", "C@Example.COM"),
                    ip="192.0.2.10", helo="helo.example", hostname="client.example.net",
                    user="alice@example.com", queue_id="1xV0ZC-0003TR-0m")
-    req = build_request(b"Subject: x\n\nbody\n", env, host="127.0.0.1:11333",
-                        settings_id="exim-policy-outbound")
+    req = request_head(17, env, host="127.0.0.1:11333",
+                       settings_id="exim-policy-outbound") + b"Subject: x\n\nbody\n"
     head, _, body = req.partition(b"\r\n\r\n")
     assert body == b"Subject: x\n\nbody\n"
     lines = head.split(b"\r\n")
@@ -44,7 +44,7 @@ def test_request_carries_envelope_and_settings_id():
 def test_request_never_forwards_injected_headers():
     env = Envelope(sender="", recipients=("x@example.com\r\nFile: /etc/shadow",),
                    helo="evil\r\nPath: /etc/passwd", user="", ip="127.0.0.1\0")
-    head = build_request(b"", env, host="h").partition(b"\r\n\r\n")[0]
+    head = request_head(0, env, host="h").partition(b"\r\n\r\n")[0]
     assert b"File" not in head and b"Path" not in head and b"\0" not in head
     assert b"From: <>" in head        # a bounce keeps its empty sender
     assert b"User:" not in head       # empty user must not look authenticated
@@ -53,7 +53,7 @@ def test_request_never_forwards_injected_headers():
 
 def test_request_keeps_8bit_values():
     env = Envelope(sender="j\xf6rg@example.org", recipients=("\xfc@example.com",))
-    head = build_request(b"", env, host="h")
+    head = request_head(0, env, host="h")
     assert b"From: <j\xf6rg@example.org>" in head and b"Rcpt: <\xfc@example.com>" in head
 
 

@@ -15,7 +15,7 @@ from exim_policy.config import from_dict
 from exim_policy.forwarding.mapfile import ForwardingMap
 from exim_policy.model import Envelope, ScanResult
 from exim_policy.scanner import ScannerError
-from exim_policy.server import SpamdServer
+from exim_policy.transport.spamd import SpamdServer
 from exim_policy.service import PolicyService
 
 BODY = (b"From MAILER-DAEMON Sun Nov 22 05:56:46 2026\nX-Envelope-From: <a@example.org>\n"
@@ -204,22 +204,165 @@ def test_clients_outside_allowed_clients_are_refused_unread():
     assert reply == b"" and scanner.seen == []
 
 
-def test_connection_limit_queues_then_gives_up():
+def test_a_full_table_of_requests_being_answered_refuses_a_newcomer():
     async def main():
         scanner = FakeScanner(delay=0.5)
-        server, port = await start(scanner, max_connections=1, queue_timeout=0.1)
+        server, port = await start(scanner, max_connections=1)
         try:
             first = asyncio.create_task(exchange(port, rspamc_request()))
             await asyncio.sleep(0.1)
-            second = await exchange(port, rspamc_request())  # no slot within 0.1 s
+            second = await exchange(port, rspamc_request())  # the only place is taken
             first = await first
-            third = await exchange(port, rspamc_request())   # the slot is free again
+            third = await exchange(port, rspamc_request())   # free again
         finally:
             await server.stop()
         return first, second, third
 
     first, second, third = asyncio.run(main())
     assert b"Action: no action" in first and second == b"" and b"Action: no action" in third
+
+
+def test_a_full_table_sheds_the_oldest_connection_still_sending():
+    async def main():
+        server, port = await start(FakeScanner(), max_connections=2)
+        try:
+            old_r, old_w = await asyncio.open_connection("127.0.0.1", port)
+            old_w.write(b"CHECK RSPAMC/1.3\r\n")
+            await asyncio.sleep(0.05)
+            new_r, new_w = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.05)
+            reply = await exchange(port, rspamc_request())  # needs a place: the oldest goes
+            shed = await asyncio.wait_for(old_r.read(), 5)
+            new_w.write(rspamc_request())  # the younger one is still served
+            younger = await asyncio.wait_for(new_r.read(), 5)
+            old_w.close()
+            new_w.close()
+        finally:
+            await server.stop()
+        return reply, shed, younger
+
+    reply, shed, younger = asyncio.run(main())
+    assert b"Action: no action" in reply and b"Action: no action" in younger
+    assert shed == b""
+
+
+def test_no_free_scan_slot_in_time_is_the_configured_failure_outcome():
+    async def main():
+        scanner = FakeScanner(delay=0.5)
+        server, port = await start(scanner, max_scans=1, queue_timeout=0.1)
+        try:
+            first = asyncio.create_task(exchange(port, rspamc_request()))
+            await asyncio.sleep(0.1)
+            inbound = await exchange(port, rspamc_request())      # failure.inbound = accept
+            outbound = await exchange(port, rspamc_request(user="alice"))  # tempfail
+            return await first, inbound, outbound, scanner.max_in_flight
+        finally:
+            await server.stop()
+
+    first, inbound, outbound, most = asyncio.run(main())
+    assert b"Action: no action" in first and most == 1
+    assert b"Action: no action\r\n" in inbound and b"EXIM_POLICY_SCANNER_FAILED" in inbound
+    assert b"no free scan slot within 0.1s (server.max_scans = 1)" in inbound
+    assert b"Action: soft reject\r\n" in outbound
+
+
+def test_a_body_that_does_not_fit_the_byte_budget_waits_its_turn():
+    big = BODY + b"x" * 600
+
+    async def main():
+        scanner = FakeScanner(delay=0.3)
+        server, port = await start(scanner, max_message_size=1000, max_bytes_in_flight=1000)
+        try:
+            replies = await asyncio.gather(exchange(port, rspamc_request(big)),
+                                           exchange(port, rspamc_request(big)))
+            return replies, scanner.max_in_flight, server.limits.budget.used
+        finally:
+            await server.stop()
+
+    replies, most, left = asyncio.run(main())
+    assert all(b"Action: no action" in r for r in replies)
+    assert most == 1  # the second body was read only once the first one was answered
+    assert left == 0
+
+
+def test_no_room_in_the_byte_budget_in_time_is_a_temporary_error():
+    big = BODY + b"x" * 600
+
+    async def main():
+        scanner = FakeScanner(delay=0.5)
+        server, port = await start(scanner, max_message_size=1000, max_bytes_in_flight=1000,
+                                   queue_timeout=0.1)
+        try:
+            first = asyncio.create_task(exchange(port, rspamc_request(big)))
+            await asyncio.sleep(0.1)
+            second = await exchange(port, rspamc_request(big))
+            return await first, second, server.limits.budget
+        finally:
+            await server.stop()
+
+    first, second, budget = asyncio.run(main())
+    assert b"Action: no action" in first
+    assert second.startswith(b"SPAMD/1.0 75 Service Unavailable: too many bytes in flight")
+    assert budget.used == 0 and budget.waiting == 0
+
+
+def test_the_body_reaches_the_scanner_without_a_copy():
+    """The parser's buffer is the message the scanner gets (a view past the From_ line)."""
+    class Keeper(FakeScanner):
+        async def scan(self, message, envelope, settings_id):
+            self.view = message
+            return await super().scan(message, envelope, settings_id)
+
+    async def main():
+        scanner = Keeper()
+        server, port = await start(scanner)
+        try:
+            await exchange(port, rspamc_request())
+        finally:
+            await server.stop()
+        return scanner.view
+
+    view = asyncio.run(main())
+    assert isinstance(view, memoryview) and isinstance(view.obj, bytearray)
+    assert view.obj == BODY and bytes(view) == BODY[BODY.index(b"\n") + 1:]
+
+
+def test_stop_lets_a_request_still_arriving_finish():
+    async def main():
+        server, port = await start(FakeScanner("reject", 15.0))
+        payload = rspamc_request()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload[:-5])
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(server.stop(grace=5))
+        await asyncio.sleep(0.1)
+        refused = False
+        try:
+            await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            refused = True
+        writer.write(payload[-5:])
+        reply = await asyncio.wait_for(reader.read(), 5)
+        await stopping
+        return refused, reply
+
+    refused, reply = asyncio.run(main())
+    assert refused and b"Action: reject\r\n" in reply
+
+
+def test_stop_cuts_what_is_still_open_after_the_grace_period():
+    async def main():
+        server, port = await start(FakeScanner())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"CHECK RSPAMC/1.3\r\n")
+        await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        await server.stop(grace=0.3)
+        took = asyncio.get_running_loop().time() - started
+        return took, await asyncio.wait_for(reader.read(), 5)
+
+    took, reply = asyncio.run(main())
+    assert took < 2 and reply == b""
 
 
 def test_scanner_failure_defer_closes_without_an_answer():
@@ -295,6 +438,6 @@ def test_connect_and_close_is_not_logged_as_an_error(caplog):
         finally:
             await server.stop()
 
-    with caplog.at_level("INFO", logger="exim_policy.server"):
+    with caplog.at_level("INFO", logger="exim_policy.transport.spamd"):
         assert b"Action: no action" in asyncio.run(main())
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]

@@ -24,6 +24,7 @@ from ..forwarding.graph import Explanation
 from ..forwarding.mapfile import ForwardingMap
 from ..model import Decision
 from ..outcome import EXIM_MAX_SCAN_SIZE, EximOutcome, exim_outcome
+from ..protocol.mbox import strip_mbox_from_line
 from ..protocol.text import valid_ip
 from ..scanner.rspamd import RspamdScanner
 from ..service import Evaluation, PolicyService
@@ -213,14 +214,6 @@ def _prepare(raw: bytes, overrides: Overrides, exim_mbox: bool) -> tuple[Envelop
     return guess, body
 
 
-def _scanned_size(body: bytes) -> int:
-    """``len(strip_mbox_from_line(body))`` without copying the body."""
-    if not body.startswith(b"From "):
-        return len(body)
-    newline = body.find(b"\n")
-    return 0 if newline < 0 else len(body) - newline - 1
-
-
 class ChainExplainer:
     """Alias chains from the ``[forwarding]`` sources, as ``exim-policy forwardings explain``
     shows them. The sources are read once, in a thread, on first use (only a message with
@@ -274,7 +267,7 @@ class Runner:
         # header parsing and the CRLF->LF copy cost milliseconds on a 20 MB message
         guess, body = await asyncio.to_thread(_prepare, raw, self.overrides, self.exim_mbox)
         evaluation = await self.service.evaluate(guess.envelope, body)
-        size, scanned_size = len(raw), _scanned_size(body)
+        size, scanned_size = len(raw), len(strip_mbox_from_line(body))
         del raw, body  # a large message need not stay in memory while the chains load
         decision = evaluation.decision
         chains = await self.chains.explain(decision.forwarding) if decision.failure is None \

@@ -44,7 +44,8 @@ class ShimLab:
                  forwarding: Iterable[str] = (), relay_networks: Iterable[str] = (),
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", server: Mapping[str, object] | None = None) -> None:
+        """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own."""
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -56,7 +57,7 @@ class ShimLab:
         self.proc: subprocess.Popen | None = None
         sections: dict[str, dict[str, object]] = {
             "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
-                       "query_listen": [f"{LOOPBACK}:{self.query_port}"]},
+                       "query_listen": [f"{LOOPBACK}:{self.query_port}"], **(server or {})},
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
             "outbound": {"relay_networks": list(relay_networks)},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},

@@ -20,12 +20,14 @@ from .text import has_line_breaker, split_address_list, strip_angle
 _FROM_ = b"From "
 
 
-def strip_mbox_from_line(body: bytes) -> bytes:
-    """``body`` without a leading mbox ``From `` line (Exim's wrapper); otherwise unchanged."""
+def strip_mbox_from_line(body: bytes | bytearray) -> bytes | bytearray | memoryview:
+    """``body`` without a leading mbox ``From `` line (Exim's wrapper); otherwise unchanged.
+
+    The rest is a view into ``body``, not a copy: a large message is held once."""
     if not body.startswith(_FROM_):
         return body
     newline = body.find(b"\n")
-    return b"" if newline < 0 else body[newline + 1:]
+    return b"" if newline < 0 else memoryview(body)[newline + 1:]
 
 
 def exim_mbox_wrap(message: bytes, *, sender: str | None, recipients: Sequence[str],

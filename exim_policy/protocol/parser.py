@@ -13,16 +13,24 @@ Once a :class:`Request` or :class:`ProtocolError` has been returned, it is retur
 every later call; further bytes are ignored (one request per connection). Memory is
 bounded: never more than ``max_header_bytes`` of header data and ``max_body_bytes`` of body
 are kept, whatever the peer sends.
+
+Body memory can be gated: with ``reserve``, the parser asks ``reserve(n)`` before it holds
+``n`` more body bytes (the whole ``Content-length`` at the end of the headers, or each
+chunk of a body that runs to EOF). When that returns False the parser is :attr:`held`: it
+keeps what it was fed since (the caller should stop reading) and goes on with
+:meth:`resume` once the caller has reserved :attr:`wanted` bytes itself. The body is
+built in place, in one buffer of the declared length: ``Request.body`` is that buffer,
+never a copy.
 """
 from __future__ import annotations
 
 import enum
 import re
+from typing import Callable
 
 from ..model import ProtocolError, Request
 
 EX_PROTOCOL = 76
-
 
 
 class _NeedData:
@@ -76,6 +84,7 @@ def _show(line: bytes, limit: int = 80) -> str:
 class _State(enum.Enum):
     REQUEST_LINE = "request line"
     HEADERS = "headers"
+    HELD = "held body"  # waiting for the caller to reserve room for body bytes
     BODY = "body"
     DONE = "done"
 
@@ -96,9 +105,16 @@ class RequestParser:
     """
 
     def __init__(self, *, max_header_bytes: int = 65536,
-                 max_body_bytes: int = 50 * 1024 * 1024) -> None:
+                 max_body_bytes: int = 50 * 1024 * 1024,
+                 reserve: Callable[[int], bool] | None = None) -> None:
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self._reserve = reserve
+        #: body bytes reserve() agreed to (or the caller reserved after a refusal)
+        self.reserved = 0
+        #: the amount reserve() refused while :attr:`held`
+        self.wanted = 0
+        self._held = bytearray()  # bytes fed while held
         self._state = _State.REQUEST_LINE
         self._buf = bytearray()   # unparsed bytes of the request line / header block
         self._pos = 0             # start of the first unparsed line in _buf
@@ -111,6 +127,8 @@ class RequestParser:
         self._headers: list[tuple[str, str]] = []
         self._length: int | None = None
         self._body = bytearray()
+        self._filled = 0          # body bytes received so far when the length is known
+        self._eof_while_held = False
         self._event: Request | ProtocolError | None = None
 
     # ------------------------------------------------------------------------- public API --
@@ -119,6 +137,9 @@ class RequestParser:
         if self._event is not None or not data:
             return
         self._received += len(data)
+        if self._state is _State.HELD:
+            self._held += data
+            return
         if self._state is _State.BODY:
             self._take_body(data)
             return
@@ -129,8 +150,11 @@ class RequestParser:
         """The peer half-closed or closed: finish a to-EOF body, or fail an incomplete request."""
         if self._event is not None:
             return
+        if self._state is _State.HELD:
+            self._eof_while_held = True
+            return
         if self._state is _State.BODY:
-            got = len(self._body)
+            got = len(self._body) if self._length is None else self._filled
             if self._length is None:
                 self._complete()
             elif self._protocol == "spamc":
@@ -147,6 +171,30 @@ class RequestParser:
         """The complete :class:`Request`, a :class:`ProtocolError`, or :data:`NEED_DATA`."""
         return self._event if self._event is not None else NEED_DATA
 
+    @property
+    def held(self) -> bool:
+        """True while ``reserve`` refused room and :meth:`resume` was not called yet."""
+        return self._state is _State.HELD
+
+    def resume(self) -> None:
+        """The caller reserved :attr:`wanted` bytes after ``reserve`` refused them: go on
+        with the bytes fed meanwhile."""
+        if self._state is not _State.HELD:
+            raise RuntimeError("resume() without a refused reservation")
+        granted, self.wanted = self.wanted, 0
+        self.reserved += granted
+        self._state = _State.BODY
+        pending, self._held = bytes(self._held), bytearray()
+        if self._length is not None:
+            self._body = bytearray(self._length)
+            self._take_body(pending)
+        else:  # what came after the refused chunk asks for its own room
+            self._body += pending[:granted]
+            if len(pending) > granted:
+                self._take_body(pending[granted:])
+        if self._event is None and self._eof_while_held and not self.held:
+            self.feed_eof()
+
     # -------------------------------------------------------------------------- internals --
     def _fail(self, text: str, code: int = EX_PROTOCOL) -> None:
         self._event = ProtocolError(code, text)
@@ -156,13 +204,23 @@ class RequestParser:
         self._state = _State.DONE
         self._buf = bytearray()
         self._body = bytearray()
+        self._held = bytearray()
         self._headers = []
 
     def _complete(self) -> None:
         self._event = Request(protocol=self._protocol, command=self._command,
                               version=self._version, headers=tuple(self._headers),
-                              body=bytes(self._body))
+                              body=self._body)
         self._finish()
+
+    def _ask(self, amount: int) -> bool:
+        """May the parser hold ``amount`` more body bytes? If not, it is now held."""
+        if self._reserve is None or self._reserve(amount):
+            self.reserved += amount
+            return True
+        self.wanted = amount
+        self._state = _State.HELD
+        return False
 
     def _parse_lines(self) -> None:
         """Consume complete lines from _buf while in the request line / header states."""
@@ -187,11 +245,14 @@ class RequestParser:
                 self._request_line(line)
             else:
                 self._header_line(line)
-        if self._state is _State.BODY:
+        if self._state in (_State.BODY, _State.HELD):
             rest = bytes(buf[self._pos:])
             self._buf = bytearray()
             self._pos = self._scan = 0
-            self._take_body(rest)
+            if self._state is _State.HELD:
+                self._held += rest
+            else:
+                self._take_body(rest)
 
     def _fail_oversize(self) -> None:
         if self._state is _State.REQUEST_LINE:
@@ -257,18 +318,25 @@ class RequestParser:
             if self._length > self.max_body_bytes:
                 self._fail(f"message too big: {self._length} bytes, limit {self.max_body_bytes}")
                 return
-        self._state = _State.BODY
         if self._length == 0:
             self._complete()
+            return
+        self._state = _State.BODY
+        if self._length is not None and self._ask(self._length):
+            self._body = bytearray(self._length)  # filled in place: no copy at the end
 
     def _take_body(self, data: bytes) -> None:
         if self._length is not None:
-            need = self._length - len(self._body)
-            self._body += data[:need]
-            if len(self._body) >= self._length:
+            take = min(len(data), self._length - self._filled)
+            self._body[self._filled:self._filled + take] = memoryview(data)[:take]
+            self._filled += take
+            if self._filled >= self._length:
                 self._complete()
             return
         if len(self._body) + len(data) > self.max_body_bytes:
             self._fail(f"message too big: more than {self.max_body_bytes} bytes")
             return
-        self._body += data
+        if not data or self._ask(len(data)):
+            self._body += data
+        else:
+            self._held += data

@@ -182,7 +182,7 @@ def _header_value(value: str, newline: bytes) -> bytes:
 
 def _processed(request: Request, decision: Decision, score: str, threshold: str) -> bytes:
     """The message (mbox ``From `` line stripped) with X-Spam-* and Rspamd's headers on top."""
-    message = strip_mbox_from_line(request.body)
+    message = bytes(strip_mbox_from_line(request.body))  # PROCESS returns it: one copy
     first_lf = message.find(b"\n")
     # keep the message's own line ending: Exim's scan file is LF, a spamc user's may be CRLF
     newline = b"\r\n" if first_lf > 0 and message[first_lf - 1:first_lf] == b"\r" else b"\n"

@@ -6,9 +6,12 @@ one place.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Union
 
 from ..model import Envelope, ScanResult
+
+#: the message as the transport holds it: scanners take it without copying it
+Message = Union[bytes, bytearray, memoryview]
 
 
 class ScannerError(Exception):
@@ -16,6 +19,6 @@ class ScannerError(Exception):
 
 
 class Scanner(Protocol):
-    async def scan(self, message: bytes, envelope: Envelope, settings_id: str) -> ScanResult:
+    async def scan(self, message: Message, envelope: Envelope, settings_id: str) -> ScanResult:
         """Scan ``message`` (RFC 5322 bytes, no mbox From_ line)."""
         ...

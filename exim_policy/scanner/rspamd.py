@@ -16,7 +16,7 @@ import sys
 import urllib.parse
 
 from ..model import Envelope, ScanResult, Symbol
-from . import ScannerError
+from . import Message, ScannerError
 
 #: Rspamd's JSON for a message is small; anything far larger is not a reply we can use
 MAX_REPLY_BYTES = 16 * 1024 * 1024
@@ -30,10 +30,11 @@ def _clean(value: str | None) -> str | None:
     return value
 
 
-def build_request(message: bytes, envelope: Envelope, *, host: str, settings_id: str = "",
-                  path: str = "/checkv2") -> bytes:
-    """The complete HTTP request for one message (headers from the envelope only)."""
-    headers = [("Host", host), ("Content-Length", str(len(message)))]
+def request_head(length: int, envelope: Envelope, *, host: str, settings_id: str = "",
+                 path: str = "/checkv2") -> bytes:
+    """The HTTP request head for a message of ``length`` bytes (headers from the envelope
+    only); the message itself follows it unchanged."""
+    headers = [("Host", host), ("Content-Length", str(length))]
     if envelope.sender is not None and _clean(envelope.sender) is not None:
         headers.append(("From", f"<{envelope.sender}>"))
     for rcpt in envelope.recipients:
@@ -47,7 +48,7 @@ def build_request(message: bytes, envelope: Envelope, *, host: str, settings_id:
             headers.append((name, value))
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     # latin-1 round-trips the raw bytes the codecs decoded (8-bit HELO, SMTPUTF8 addresses)
-    return head.encode("latin-1") + message
+    return head.encode("latin-1")
 
 
 def parse_reply(data: bytes) -> ScanResult:
@@ -142,11 +143,21 @@ def _milter_headers(milter: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+#: a message is written in slices of this size, each once the previous one has left:
+#: the transport then never holds a copy of more than one slice of a large message
+WRITE_SLICE = 256 * 1024
+#: below this the head and the message go in one write (one syscall, a small copy)
+SMALL_MESSAGE = 64 * 1024
+
+
 class _Exchange(asyncio.Protocol):
     """Write one request, collect the reply until Rspamd closes (it always does)."""
 
-    def __init__(self, request: bytes, done: asyncio.Future) -> None:
-        self.request = request
+    def __init__(self, head: bytes, message: memoryview, done: asyncio.Future) -> None:
+        self.head = head
+        self.message = message
+        self.sent = 0
+        self.paused = False
         self.done = done
         self.chunks: list[bytes] = []
         self.size = 0
@@ -155,7 +166,25 @@ class _Exchange(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         # no write_eof() afterwards: Rspamd 3.4 drops a half-closed /checkv2 request
-        transport.write(self.request)
+        if len(self.message) <= SMALL_MESSAGE:
+            transport.write(self.head + self.message)
+            self.sent = len(self.message)
+            return
+        transport.write(self.head)
+        self._write_more()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._write_more()
+
+    def _write_more(self) -> None:
+        while not self.paused and self.sent < len(self.message):
+            piece = self.message[self.sent:self.sent + WRITE_SLICE]  # a view, not a copy
+            self.sent += len(piece)
+            self.transport.write(piece)
 
     def data_received(self, data: bytes) -> None:
         self.size += len(data)
@@ -188,11 +217,12 @@ class RspamdScanner:
         self.host_header = parts.netloc
         self.timeout = timeout
 
-    async def scan(self, message: bytes, envelope: Envelope, settings_id: str = "") -> ScanResult:
-        request = build_request(message, envelope, host=self.host_header,
-                                settings_id=settings_id, path=self.path)
+    async def scan(self, message: Message, envelope: Envelope, settings_id: str = "") -> ScanResult:
+        view = memoryview(message)
+        head = request_head(len(view), envelope, host=self.host_header,
+                            settings_id=settings_id, path=self.path)
         try:
-            data = await within(self.timeout, self._exchange(request))
+            data = await within(self.timeout, self._exchange(head, view))
         except asyncio.TimeoutError:
             raise ScannerError(f"no reply from Rspamd within {self.timeout:g}s") from None
         except OSError as exc:
@@ -200,10 +230,10 @@ class RspamdScanner:
                                f"{exc.strerror or exc}") from None
         return parse_reply(data)
 
-    async def _exchange(self, request: bytes) -> bytes:
+    async def _exchange(self, head: bytes, message: memoryview) -> bytes:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        transport, _ = await loop.create_connection(lambda: _Exchange(request, done),
+        transport, _ = await loop.create_connection(lambda: _Exchange(head, message, done),
                                                     self.host, self.port)
         try:
             return await done

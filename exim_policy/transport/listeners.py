@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Callable
 
-from .config import ListenAddress
+from ..config import ListenAddress
 
 
 def client_allowed(peername: object, allowed: tuple) -> bool:

@@ -1,0 +1,272 @@
+"""asyncio transport for the spamd-compatible listener.
+
+Per connection: refuse clients outside ``allowed_clients`` before reading a byte; take a
+place in the shared :class:`~.limits.ConnectionTable` (when it is full, the connection that
+has been sending its request longest is shed); feed the sans-IO parser as bytes arrive,
+under a read deadline and a whole-request deadline counted from the connect; reserve the
+body's bytes in the shared :class:`~.limits.ByteBudget` before the parser holds them
+(reading pauses while a request waits for room); hand the complete request to the handler;
+write the reply; close. Closing after every reply is part of the protocol: Exim reads to
+EOF and DEFERs after ``tmo`` on an open socket.
+
+Nothing here waits for a scan slot: a connection that is still sending holds no slot that a
+complete request needs (the handler bounds concurrent scans itself).
+
+``stop()`` stops accepting and lets every open connection finish: requests still arriving
+are read, scanned and answered within the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Awaitable, Callable
+
+from ..config import ServerConfig
+from ..model import ProtocolError, Request
+from ..protocol import spamc
+from ..protocol.parser import NEED_DATA, RequestParser
+from .limits import BudgetWait, Limits, Tally
+from .listeners import client_allowed, start_listeners
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable["bytes | None"]]
+MAX_HEADER_BYTES = 64 * 1024
+#: spamd's "temporary failure" status: Exim DEFERs (451) and retries the message later
+EX_TEMPFAIL = 75
+EX_TIMEOUT = 79
+
+
+class SpamdServer:
+    def __init__(self, config: ServerConfig, handler: Handler,
+                 limits: Limits | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.limits = limits or Limits(config.max_connections, config.max_bytes_in_flight)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._drained: asyncio.Event | None = None
+        self.refused = Tally(log, logging.WARNING)
+        self.shed = Tally(log, logging.WARNING)
+        self.not_allowed = Tally(log, logging.WARNING)
+        self.budget_timeouts = Tally(log, logging.ERROR)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for server in self._servers for s in server.sockets]
+
+    async def start(self) -> None:
+        self._servers = await start_listeners(
+            self.config.listen, lambda: _Connection(self), self.config.unix_socket_mode)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let every open connection finish (up to ``grace`` s, default
+        ``server.shutdown_timeout``): requests still arriving are read and answered too."""
+        grace = self.config.shutdown_timeout if grace is None else grace
+        for server in self._servers:
+            server.close()
+        if self._connections:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("%d connection(s) still open after %gs (server.shutdown_timeout);"
+                            " closing them", len(self._connections), grace)
+        for conn in list(self._connections):
+            conn.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+    def _closed(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        self.limits.connections.forget(conn)
+        if self._drained is not None and not self._connections:
+            self._drained.set()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: one request, one reply, close."""
+
+    def __init__(self, server: SpamdServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport
+        self.peer: object = None
+        self.parser: RequestParser | None = None
+        self.received = False
+        self.reserved = 0  # bytes of the shared budget this connection holds
+        self.budget_wait: BudgetWait | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+
+    # ------------------------------------------------------------- asyncio events --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        now = self.loop.time()
+        if not client_allowed(self.peer, self.config.allowed_clients):
+            self.server.not_allowed.hit(now, "refused connection from %s (not in "
+                                        "server.allowed_clients)", self.peer[0])
+            transport.abort()
+            return
+        if not self.server.limits.connections.admit(self):
+            self.server.refused.hit(now, "refused a connection: %d open, every one past "
+                                    "reading (server.max_connections = %d)",
+                                    len(self.server.limits.connections),
+                                    self.config.max_connections)
+            transport.abort()
+            return
+        self.server._connections.add(self)
+        self.parser = RequestParser(max_header_bytes=MAX_HEADER_BYTES,
+                                    max_body_bytes=self.config.max_message_size,
+                                    reserve=self._reserve)
+        self.deadline = now + self.config.request_timeout
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return
+        self.received = True
+        self.parser.feed(data)
+        self._advance()
+
+    def eof_received(self) -> bool:
+        if self.parser is not None:
+            self.parser.feed_eof()
+            self._advance()
+        return True  # keep the write side open: the SA variant half-closes, then reads
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.parser = None
+        if self.budget_wait is not None:
+            self.budget_wait.cancel()
+            self.budget_wait = None
+            self.server.limits.budget.grant()  # the waiters behind us may fit now
+        if self.reserved:
+            self.server.limits.budget.give_back(self.reserved)
+            self.reserved = 0
+        self.server._closed(self)
+
+    def shed(self) -> None:
+        """The connection table needs this connection's place: it is still sending."""
+        self.server.shed.hit(self.loop.time(), "closed the connection from %s that had been "
+                             "sending its request longest, to make room (server."
+                             "max_connections = %d)", self.peer, self.config.max_connections)
+        self.parser = None
+        self._cancel_timer()
+        self.transport.abort()
+
+    # -------------------------------------------------------------- body budget --
+    def _reserve(self, amount: int) -> bool:
+        """The parser is about to hold ``amount`` body bytes: reserve them, or queue."""
+        budget = self.server.limits.budget
+        if budget.take(amount):
+            self.reserved += amount
+            return True
+        self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
+        self.transport.pause_reading()
+        self._cancel_timer()
+        self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
+        return False
+
+    def _budget_granted(self, amount: int) -> None:
+        self.budget_wait = None
+        self._cancel_timer()
+        if self.parser is None:  # shed or timed out meanwhile: hand the bytes on
+            self.server.limits.budget.give_back(amount)
+            return
+        self.reserved += amount
+        self.parser.resume()
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._advance()
+
+    def _budget_expired(self) -> None:
+        self.timer = None
+        if self.budget_wait is None:
+            return
+        self.budget_wait.cancel()
+        self.budget_wait = None
+        self.server.limits.budget.grant()
+        budget = self.server.limits.budget
+        self.server.budget_timeouts.hit(
+            self.loop.time(), "no room for a request's body within %gs: %d of %d bytes held "
+            "(server.max_bytes_in_flight); answered with a temporary failure",
+            self.config.queue_timeout, budget.used, budget.capacity)
+        self.parser = None
+        self._fail(ProtocolError(EX_TEMPFAIL, "Service Unavailable: too many bytes in "
+                                              "flight, try again later"))
+
+    # ------------------------------------------------------------------- requests --
+    def _advance(self) -> None:
+        parser = self.parser
+        if parser is None or parser.held:
+            return
+        event = parser.next_event()
+        if event is NEED_DATA:
+            self._arm_read_timer()
+            return
+        self._cancel_timer()
+        self.parser = None  # one request per connection: later bytes are not ours
+        self.server.limits.connections.read_done(self)
+        self.transport.pause_reading()
+        if isinstance(event, ProtocolError):
+            if not self.received:  # connect and close: a health check, not an error
+                log.debug("connection from %s closed without a request", self.peer)
+                self.transport.close()
+                return
+            self._fail(event)
+            return
+        task = self.loop.create_task(self._respond(event))
+        self.server._tasks.add(task)
+        task.add_done_callback(self.server._tasks.discard)
+
+    async def _respond(self, request: Request) -> None:
+        try:
+            reply = await self.server.handler(request)
+        except Exception:  # a bug: log it; the client sees a close, Exim DEFERs
+            log.exception("error while handling a request from %s", self.peer)
+            reply = None
+        del request  # the body's bytes go as soon as the answer is known
+        if reply and not self.transport.is_closing():
+            self.transport.write(reply)
+        self.transport.close()  # flushes the reply first
+
+    def _fail(self, error: ProtocolError) -> None:
+        log.warning("protocol error from %s: %s", self.peer, error.text)
+        self.transport.write(spamc.build_error(error.code, error.text))
+        self.transport.close()
+
+    # --------------------------------------------------------------------- timers --
+    def _arm_read_timer(self) -> None:
+        self._cancel_timer()
+        delay = min(self.config.read_timeout, self.deadline - self.loop.time())
+        self.timer = self.loop.call_later(max(delay, 0.0), self._read_expired)
+
+    def _read_expired(self) -> None:
+        self.timer = None
+        if self.parser is None:
+            return
+        self.parser = None
+        if self.loop.time() >= self.deadline:
+            why = f"Timeout: request not complete in {self.config.request_timeout:g}s"
+        else:
+            why = f"Timeout: no data for {self.config.read_timeout:g}s"
+        if not self.received:  # a client that never said anything gets no error line
+            log.debug("closing connection from %s: nothing received in %gs", self.peer,
+                      self.config.read_timeout)
+            self.transport.close()
+            return
+        self._fail(ProtocolError(EX_TIMEOUT, why))
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
