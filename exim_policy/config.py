@@ -150,6 +150,82 @@ def _log_level(value: object) -> str:
     return str(value)
 
 
+def _choice(*choices: str):
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}")
+        return str(value)
+    return parse
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """``"30s"``, ``"15m"``, ``"1h"``, ``"1d"`` (or a number of seconds) -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str) and len(value) >= 2 and value[-1] in _DURATION_UNITS:
+        number = value[:-1]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = 0.0
+        if amount > 0 and number.replace(".", "", 1).isdigit():
+            return amount * _DURATION_UNITS[value[-1]]
+    raise ValueError("expected a duration such as \"30s\", \"15m\", \"1h\" or \"1d\"")
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest ``parse_duration`` text for ``seconds``: 3600 -> "1h", 90 -> "90s"."""
+    for unit in ("d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number, 0 or more (0: no limit)")
+    return value
+
+
+def _smtp_address(value: object) -> str:
+    if not isinstance(value, str) or value.startswith("unix:"):
+        raise ValueError("expected 'host:port'")
+    parse_listen(value)
+    return value
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str) or value.count("@") != 1 or value.startswith("@") \
+            or value.endswith("@") or any(c in value for c in " \t\r\n\0<>,;"):
+        raise ValueError(f"{value!r} is not a mail address such as 'abuse@example.com'")
+    return value
+
+
+def _addresses(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of mail addresses")
+    return tuple(_address(v) for v in value)
+
+
+def _optional_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL string")
+    if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+        raise ValueError(f"{value!r}: expected an http:// or https:// URL, or \"\"")
+    return value
+
+
+def _redis_url(value: object) -> str:
+    if not isinstance(value, str) or urllib.parse.urlsplit(value).scheme not in (
+            "redis", "rediss", "unix"):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    return value
+
+
 def _parse(fn):
     """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises."""
     return {"parse": fn}
@@ -263,9 +339,84 @@ class FailureConfig:
     inbound: FailureMode = FailureMode.ACCEPT
     outbound: FailureMode = FailureMode.TEMPFAIL
     forwarding: FailureMode = FailureMode.TEMPFAIL
+    #: the account store cannot be reached: "open" (the verdict still applies, limits and
+    #: counting are skipped) or "tempfail" (outbound mail of accounts gets a 451)
+    accounts: str = field(default="open", metadata=_parse(_choice("open", "tempfail")))
 
     def for_traffic(self, traffic: Traffic) -> FailureMode:
         return getattr(self, traffic.value)
+
+
+@dataclass(frozen=True)
+class LimitConfig:
+    """One sliding window; over any of its counts, the account is throttled (451)."""
+
+    window: float = field(default=0.0, metadata=_parse(parse_duration))
+    #: 0: no limit on that count
+    messages: int = field(default=0, metadata=_parse(_count))
+    recipients: int = field(default=0, metadata=_parse(_count))
+    unique_recipients: int = field(default=0, metadata=_parse(_count))
+
+    def check(self) -> None:
+        if not self.window:
+            raise ConfigError("window: required (e.g. \"1h\")")
+        if not (self.messages or self.recipients or self.unique_recipients):
+            raise ConfigError("set at least one of messages, recipients, unique_recipients")
+
+
+@dataclass(frozen=True)
+class IncidentConfig:
+    """``spam_verdicts`` spam verdicts within ``window`` open an incident."""
+
+    window: float = field(default=3600.0, metadata=_parse(parse_duration))
+    #: 0: never open an incident
+    spam_verdicts: int = field(default=5, metadata=_parse(_count))
+    on_open: str = field(default="hold", metadata=_parse(_choice("notify", "hold", "lock")))
+    #: a held account is locked after this many more spam verdicts (0: never)
+    lock_after: int = field(default=20, metadata=_parse(_count))
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Who hears of incidents: mail through an SMTP server, and/or a JSON webhook."""
+
+    mail_to: tuple[str, ...] = field(default=(), metadata=_parse(_addresses))
+    mail_from: str = field(default="exim-policy@localhost", metadata=_parse(_address))
+    smtp: str = field(default="127.0.0.1:25", metadata=_parse(_smtp_address))
+    webhook_url: str = field(default="", metadata=_parse(_optional_url))
+    #: seconds per attempt (SMTP dialogue or HTTP request)
+    timeout: float = field(default=10.0, metadata=_parse(_positive))
+    #: attempts per notice and channel, backing off from 5 s to 5 min between them
+    attempts: int = field(default=6, metadata=_parse(_positive_int))
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    """Per-account memory of outbound mail: limits, incidents, hold, lock, notify."""
+
+    enabled: bool = False
+    store: str = field(default="sqlite", metadata=_parse(_choice("sqlite", "redis", "memory")))
+    path: str = "/var/lib/exim-policy/accounts.db"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_parse(_redis_url))
+    #: every Redis key starts with this (several sites or test runs on one Redis)
+    redis_prefix: str = "exim-policy:"
+    #: "shadow": count, open incidents, log and notify ("would hold"), answer as if off
+    mode: str = field(default="enforce", metadata=_parse(_choice("enforce", "shadow")))
+    #: the account of unauthenticated outbound mail from a relay network
+    relay_key: str = field(default="ip", metadata=_parse(_choice("ip", "sender")))
+    #: the public text of the 451 for an account over a limit
+    throttle_message: str = "sending rate limit exceeded, please try again later"
+    #: how long the incidents and audit trail of an account that sends nothing more are
+    #: kept (held and locked accounts are kept until a human acts)
+    history: float = field(default=30 * 86400.0, metadata=_parse(parse_duration))
+    limits: tuple[LimitConfig, ...] = ()
+    incident: IncidentConfig = IncidentConfig()
+    notify: NotifyConfig = NotifyConfig()
+
+    @property
+    def retention(self) -> float:
+        """How far back message counts are needed: the longest window."""
+        return max([limit.window for limit in self.limits] + [self.incident.window])
 
 
 @dataclass(frozen=True)
@@ -291,6 +442,7 @@ class Config:
     failure: FailureConfig = FailureConfig()
     spamc: SpamcConfig = SpamcConfig()
     logging: LoggingConfig = LoggingConfig()
+    accounts: AccountsConfig = AccountsConfig()
 
 
 # ------------------------------------------------------------------------------- loader --
@@ -320,6 +472,13 @@ def from_dict(data: dict) -> Config:
             source.check()
         except ConfigError as exc:
             raise ConfigError(f"forwarding.sources[{i}].{exc}") from None
+    for i, limit in enumerate(config.accounts.limits):
+        try:
+            limit.check()
+        except ConfigError as exc:
+            raise ConfigError(f"accounts.limits[{i}].{exc}") from None
+    if len({limit.window for limit in config.accounts.limits}) < len(config.accounts.limits):
+        raise ConfigError("accounts.limits: two limits with the same window (merge them)")
     return config
 
 

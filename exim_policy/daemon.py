@@ -8,12 +8,16 @@ import ctypes.util
 import logging
 import resource
 import signal
+import time
 
-from .config import Config
+from .config import Config, ConfigError
 from .forwarding.watch import MapWatcher
-from .query import QueryServer
+from .notify import Notifier
+from .transport.helper import QueryServer
 from .scanner.rspamd import RspamdScanner
 from .service import PolicyService
+from .state import StoreError, open_store
+from .state.tracker import AccountTracker
 from .transport.limits import Limits
 from .transport.spamd import SpamdServer
 
@@ -58,13 +62,19 @@ async def run(config: Config) -> None:
     await asyncio.to_thread(watcher.load_now)
     scanner = RspamdScanner(config.rspamd.url, config.rspamd.timeout)
     forwards = lambda address: watcher.current.forwards(address)  # noqa: E731 - always the current map
-    service = PolicyService(config, scanner, forwards)
+    accounts = await open_accounts(config)
+    service = PolicyService(config, scanner, forwards, accounts)
     limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
     server = SpamdServer(config.server, service.handle, limits)
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
-                          config.server.unix_socket_mode)
-    await server.start()
-    await queries.start()
+                          config.server.unix_socket_mode,
+                          accounts=accounts.status if accounts else None)
+    try:
+        await server.start()
+        await queries.start()
+    except BaseException:
+        await close_accounts(accounts)
+        raise
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -79,18 +89,62 @@ async def run(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
     watch = loop.create_task(watcher.run())
+    upkeep = loop.create_task(accounts.run()) if accounts else None
     log.info("exim-policy serving on %s; queries on %s; Rspamd %s; forwarding map %s "
-             "(%d entries)", ", ".join(str(a) for a in config.server.listen),
+             "(%d entries); accounts %s", ", ".join(str(a) for a in config.server.listen),
              ", ".join(str(a) for a in config.server.query_listen) or "(off)",
-             config.rspamd.url, config.forwarding.map, len(watcher.current))
+             config.rspamd.url, config.forwarding.map, len(watcher.current),
+             _accounts_summary(config))
     try:
         await stop.wait()
     finally:
         log.info("stopping: no new connections; finishing the requests open, arriving or "
                  "being scanned (up to %gs)", config.server.shutdown_timeout)
         watch.cancel()
+        if upkeep is not None:
+            upkeep.cancel()
         await queries.stop()
         await server.stop()
+        await close_accounts(accounts)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+async def open_accounts(config: Config) -> AccountTracker | None:
+    """The account store and its tracker, or None with accounts off.
+
+    A store that cannot be opened at start: for sqlite that is a configuration error (a
+    path that does not exist); Redis may just not be up yet, so the daemon starts and
+    ``failure.accounts`` applies until it answers.
+    """
+    if not config.accounts.enabled:
+        return None
+    store = open_store(config.accounts)
+    try:
+        await store.prune(time.time())
+    except StoreError as exc:
+        if config.accounts.store == "sqlite":
+            await store.close()
+            raise ConfigError(f"accounts.path: {exc}") from None
+        log.error("%s; serving with failure.accounts = %s until it answers", exc,
+                  config.failure.accounts)
+    notifier = Notifier(config.accounts.notify)
+    return AccountTracker(config, store, notifier)
+
+
+async def close_accounts(accounts: AccountTracker | None) -> None:
+    if accounts is None:
+        return
+    await accounts.store.close()
+    if isinstance(accounts.notify, Notifier):
+        await asyncio.to_thread(accounts.notify.close)
+
+
+def _accounts_summary(config: Config) -> str:
+    accounts = config.accounts
+    if not accounts.enabled:
+        return "off"
+    where = accounts.path if accounts.store == "sqlite" else (
+        accounts.redis_url if accounts.store == "redis" else "memory")
+    return f"{accounts.mode} ({accounts.store}: {where})"

@@ -6,7 +6,7 @@ values the bundled Exim configuration compares ("no action", "add header", ...).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NO_ACTION = "no action"
 GREYLIST = "greylist"
@@ -124,11 +124,22 @@ class ScanFailure:
 
 
 @dataclass(frozen=True)
+class ScanSkipped:
+    """Not scanned: the answer did not depend on Rspamd (an account over its limit)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Context:
     """What the shim knows that Rspamd does not."""
 
     #: recipients (as given in the envelope) that forward to an external mailbox
     forwarding: frozenset[str] = frozenset()
+    #: the sending account (outbound mail with accounts on), see AccountFacts
+    account: "AccountFacts | None" = None
+    #: the message's Subject (evidence for incident notices), decoded leniently
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,8 @@ class Decision:
     #: the public text for the SMTP reply (the first Message: line, Exim's 550 text) when it
     #: should differ from ``reason``, which then follows it; None: the reason is the text
     message: str | None = None
+    #: the account part (outbound mail with accounts on): its status and what to record
+    account: "AccountOutcome | None" = None
 
     @property
     def score(self) -> float:
@@ -166,3 +179,129 @@ class Decision:
     @property
     def is_reject(self) -> bool:
         return self.action == REJECT and not self.defer
+
+
+# ------------------------------------------------------------------------------ accounts --
+class AccountStatus(str, enum.Enum):
+    """What the helper answers for an account (``account USER``), and what is stored.
+
+    Only ``ok``, ``held`` and ``locked`` are stored; ``throttled`` is an ``ok`` account
+    whose counts are at a limit right now.
+    """
+
+    OK = "ok"
+    THROTTLED = "throttled"
+    HELD = "held"
+    LOCKED = "locked"
+
+
+class TransitionKind(str, enum.Enum):
+    """An incident's steps; each is notified once."""
+
+    OPENED = "opened"      # N spam verdicts in the window (straight into notify/hold/lock)
+    LOCKED = "locked"      # a held account escalated (lock_after), or a human locked it
+    UNLOCKED = "unlocked"  # a human ended it: incident closed, counters cleared
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One sliding window of an account, as the store counted it."""
+
+    window: float
+    messages: int = 0
+    recipients: int = 0
+    unique_recipients: int = 0
+    #: how many of the message being decided's recipients the window has not seen yet
+    fresh_recipients: int = 0
+
+
+@dataclass(frozen=True)
+class Incident:
+    id: int
+    account: str
+    opened: float
+    #: "notify", "held" or "locked" while open; "closed" after an unlock
+    state: str
+    #: what opened it ("5 spam verdicts within 1h", "locked by root: reason")
+    reason: str
+    shadow: bool = False
+    closed: float | None = None
+    #: the evidence of its last transition (JSON-ready: what the notice carried)
+    evidence: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """What the store knows of one account at ``now``: the input of :func:`decide`."""
+
+    account: str
+    status: AccountStatus = AccountStatus.OK
+    incident: Incident | None = None
+    #: one entry per configured limit, in the configuration's order
+    windows: tuple[Counts, ...] = ()
+    #: spam verdicts within the incident window
+    spam_verdicts: int = 0
+    #: spam verdicts since the account was held (lock_after)
+    spam_since_hold: int = 0
+
+
+@dataclass(frozen=True)
+class MessageEvent:
+    """One outbound message of an account, as recorded when the shim answered."""
+
+    at: float
+    recipients: tuple[str, ...]
+    #: counts toward the limits (False: the limit itself refused it)
+    counted: bool
+    #: Rspamd's action was one of ``outbound.spam_actions``
+    spam: bool
+    ip: str | None = None
+    queue_id: str | None = None
+    subject: str | None = None
+    action: str | None = None
+    score: float | None = None
+    #: the top Rspamd symbols by |score|, names only
+    symbols: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: TransitionKind
+    #: the status it moves the account to
+    to: AccountStatus
+    #: the stored statuses it may start from (empty: any); a store applies it only then,
+    #: and OPENED only while no incident is open (two MX nodes that both see the fifth
+    #: spam verdict open one incident, not two)
+    expect: tuple[AccountStatus, ...]
+    reason: str
+    shadow: bool = False
+    #: the incident mode ("notify", "hold", "lock") for OPENED
+    mode: str = ""
+    #: who and why, for a human's action (audit); "" for the daemon's own
+    who: str = ""
+
+
+@dataclass(frozen=True)
+class AccountFacts:
+    """The account part of :class:`Context`: its id, and its state (None: the store could
+    not be reached; ``remembered`` is then what this daemon last saw of it)."""
+
+    account: str
+    state: AccountState | None
+    remembered: AccountStatus = AccountStatus.OK
+
+
+@dataclass(frozen=True)
+class AccountOutcome:
+    """The account part of a :class:`Decision`: what the answer was and what to record."""
+
+    account: str
+    #: the status the answer was given for (what the helper would say now)
+    status: AccountStatus
+    event: MessageEvent | None
+    transitions: tuple[Transition, ...] = ()
+    #: the limit the message ran into ("1h: 500 messages"), if any
+    limit: str | None = None
+    shadow: bool = False
+    #: the store was unreachable (nothing can be recorded)
+    store_failed: bool = False

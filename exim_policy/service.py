@@ -6,16 +6,19 @@ Transport-free (the server owns sockets), so the daemon and ``exim-policy test``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
-from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult
-from .policy import classify, decide
+from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped
+from .policy import account_of, classify, decide, must_scan
 from .protocol import rspamc, spamc
-from .protocol.mbox import strip_mbox_from_line
+from .protocol.mbox import strip_mbox_from_line, subject_of
+from .protocol.text import printable
+from .state.tracker import AccountTracker
 from .scanner import Scanner, ScannerError
 from .scanner.rspamd import within
 
@@ -30,12 +33,19 @@ class Evaluation:
 
 
 class PolicyService:
-    def __init__(self, config: Config, scanner: Scanner,
-                 forwards: Callable[[str], bool]) -> None:
+    def __init__(self, config: Config, scanner: Scanner, forwards: Callable[[str], bool],
+                 accounts: AccountTracker | None = None, *, record: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``accounts``: the account store's tracker (None: accounts off); with
+        ``record=False`` an account's state is read but nothing is recorded (the
+        ``test`` command). ``clock`` gives ``now`` for decide() and the store."""
         self.config = config
         self.scanner = scanner
         #: "does this recipient forward externally" (the current forwarding map)
         self.forwards = forwards
+        self.accounts = accounts if config.accounts.enabled else None
+        self.record = record
+        self.clock = clock
         #: scans under way at once (server.max_scans): each is a connection to Rspamd
         self._scan_slots = asyncio.Semaphore(config.server.max_scans)
 
@@ -45,27 +55,40 @@ class PolicyService:
     async def evaluate(self, envelope: Envelope, body: bytes | bytearray) -> Evaluation:
         """Scan one message and decide. A scanner failure (or no free scan slot within
         ``server.queue_timeout``) becomes a configured decision here, in one place; every
-        other exception is a bug and propagates."""
+        other exception is a bug and propagates. An account's outbound mail is recorded
+        before the answer goes out, so its next message is counted with this one."""
         started = time.monotonic()
+        now = self.clock()
         context = self.context_for(envelope)
         traffic, _ = classify(envelope, context, self.config)
-        settings_id = self.config.rspamd.settings_id.for_traffic(traffic)
-        scan: ScanResult | ScanFailure
+        account = account_of(envelope, traffic, self.config) if self.accounts else None
+        if account is not None and self.accounts is not None:
+            facts = await self.accounts.facts(account, envelope.recipients, now)
+            context = dataclasses.replace(context, account=facts, subject=subject_of(body))
+        scan: ScanResult | ScanFailure | ScanSkipped
+        if not must_scan(envelope, context, self.config):
+            scan = ScanSkipped("the account is over a limit")
+        else:
+            scan = await self._scan(body, envelope,
+                                    self.config.rspamd.settings_id.for_traffic(traffic))
+        decision = decide(envelope, scan, context, self.config, now)
+        if self.record and self.accounts is not None and decision.account is not None:
+            await self.accounts.record(decision)
+        return Evaluation(envelope, decision, time.monotonic() - started)
+
+    async def _scan(self, body: bytes | bytearray, envelope: Envelope,
+                    settings_id: str) -> ScanResult | ScanFailure:
         try:
             await self._scan_slot()
         except TimeoutError:
-            scan = ScanFailure(f"no free scan slot within {self.config.server.queue_timeout:g}s"
+            return ScanFailure(f"no free scan slot within {self.config.server.queue_timeout:g}s"
                                f" (server.max_scans = {self.config.server.max_scans})")
-        else:
-            try:
-                scan = await self.scanner.scan(strip_mbox_from_line(body), envelope,
-                                               settings_id)
-            except ScannerError as exc:
-                scan = ScanFailure(str(exc))
-            finally:
-                self._scan_slots.release()
-        decision = decide(envelope, scan, context, self.config)
-        return Evaluation(envelope, decision, time.monotonic() - started)
+        try:
+            return await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id)
+        except ScannerError as exc:
+            return ScanFailure(str(exc))
+        finally:
+            self._scan_slots.release()
 
     async def _scan_slot(self) -> None:
         if not self._scan_slots.locked():
@@ -104,12 +127,15 @@ def log_decision(request: Request, evaluation: Evaluation) -> None:
     level = logging.WARNING if d.failure is not None else logging.INFO
     if not log.isEnabledFor(level):
         return
+    account = d.account
     log.log(level,
             "qid=%s proto=%s/%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
-            "rspamd=%s score=%s final=%s%s ms=%.1f reason=%s",
+            "rspamd=%s score=%s final=%s%s account=%s ms=%.1f reason=%s",
             env.queue_id or "-", request.protocol, request.command, d.traffic.value,
-            env.user if env.user is not None else "-", env.ip or "-", len(env.recipients),
-            len(d.forwarding), repr(scan.action) if scan else "FAILED",
+            printable(env.user) if env.user is not None else "-", env.ip or "-",
+            len(env.recipients), len(d.forwarding),
+            repr(scan.action) if scan else "SKIPPED" if d.failure is None else "FAILED",
             f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
             repr(d.action), " (no answer: defer)" if d.defer else "",
+            f"{account.account}:{account.status.value}" if account else "-",
             evaluation.elapsed * 1000, d.reason)

@@ -7,6 +7,7 @@
 - ``rspamd``: a started ``RspamdLab`` (``.url``, ``.port``, ``.write_map()``, ``.restart()``).
   Session-scoped: a test that stops it must use ``rspamd_stopped`` (restarted afterwards) or
   ask for ``rspamd_running`` (function-scoped: restarts it first if it is down).
+- ``redis_server``: a started ``RedisLab`` (``.url``, ``.port``, ``.restart()``), persistent.
 - ``sink`` (session) / ``smtp_sink`` (function, cleared before each test): the SMTP sink.
 
 The lab needs root and real binaries.  When they are missing the fixtures *fail* with the
@@ -29,6 +30,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from exim_policy.lab import LabError, LabUnavailable, NxDns, RspamdLab, SmtpSink  # noqa: E402
+from exim_policy.lab.redis import RedisLab  # noqa: E402
 from exim_policy.lab.rspamd import check_prerequisites  # noqa: E402
 
 
@@ -98,6 +100,20 @@ def rspamd_stopped(rspamd: RspamdLab) -> Iterator[RspamdLab]:
     rspamd.stop()
     yield rspamd
     rspamd.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(lab_dir: Path) -> Iterator[RedisLab]:
+    """A real redis-server on a loopback port (persistence on), for the whole session.
+    Tests that stop it must start it again (``redis_server.start()``)."""
+    server = RedisLab(lab_dir, persistent=True)
+    try:
+        server.start()
+    except LabError as exc:
+        server.stop()
+        _fail("cannot start the lab's Redis", exc)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

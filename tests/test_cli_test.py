@@ -520,3 +520,26 @@ def test_wrap_is_idempotent_and_keeps_bytes():
     assert strip_exim_wrapper(once) == message.replace(b"\r\n", b"\n")
     again = as_exim_sends(once, envelope)
     assert again.split(b"\n", 1)[1] == once.split(b"\n", 1)[1]  # same but the date line
+
+
+# ------------------------------------------------------------------------------ accounts --
+def test_the_account_part_is_shown_and_nothing_is_recorded(rspamd_running, tmp_path, capsys):
+    db = tmp_path / "accounts.db"
+    config = write_config(tmp_path, rspamd_running.url, extra=(
+        f'\n[accounts]\nenabled = true\npath = "{db}"\n'
+        '[[accounts.limits]]\nwindow = "1h"\nmessages = 100\n'
+        '[accounts.incident]\nspam_verdicts = 1\non_open = "hold"\n'))
+    msg = tmp_path / "gtube.eml"
+    msg.write_bytes(messages.gtube(to="carol@example.com"))
+    for _ in range(2):  # the same answer twice: the first run recorded nothing
+        rc, [result], _ = run_json(capsys, config, *IP, "--user", "alice", str(msg))
+        account = result["account"]
+        assert account["account"] == "alice" and account["status"] == "ok"
+        assert account["would_record"] == {"counted": True, "spam_verdict": True,
+                                           "recipients": 1}
+        assert [t["kind"] for t in account["would_transition"]] == ["opened"]
+    rc, out, _ = run(capsys, "--config", str(config), *IP, "--user", "alice", str(msg))
+    assert ("alice: ok; would count 1 message, 1 recipient(s) and 1 spam verdict; would "
+            "open an incident (hold): 1 spam verdicts within 1h") in out
+    main(["accounts", "list", "--json", "--config", str(config)])
+    assert json.loads(capsys.readouterr().out) == []

@@ -14,6 +14,7 @@ from exim_policy.policy import (
 )
 
 CONFIG = from_dict({"outbound": {"relay_networks": ["192.0.2.0/24", "2001:db8::/32"]}})
+NOW = 1_800_000_000.0
 
 INBOUND = Envelope(sender="a@example.org", recipients=("bob@example.com",), ip="198.51.100.7")
 AUTH = Envelope(sender="alice@example.com", recipients=("x@example.net",), ip="198.51.100.7",
@@ -56,7 +57,7 @@ def scan(action: str, score: float = 0.0, required: float = 15.0, **kw) -> ScanR
      "add header", Traffic.OUTBOUND),
 ])
 def test_decide_table(envelope, context, rspamd, expected, traffic):
-    decision = decide(envelope, scan(rspamd, 7.0), context, CONFIG)
+    decision = decide(envelope, scan(rspamd, 7.0), context, CONFIG, NOW)
     assert decision.action == expected
     assert decision.traffic is traffic
     assert not decision.defer
@@ -64,14 +65,14 @@ def test_decide_table(envelope, context, rspamd, expected, traffic):
 
 def test_outbound_spam_actions_are_configurable():
     config = from_dict({"outbound": {"spam_actions": ["reject", "add header"]}})
-    assert decide(AUTH, scan("add header", 8.0), NONE, config).action == "reject"
-    assert decide(AUTH, scan("add header", 8.0), NONE, CONFIG).action == "add header"
+    assert decide(AUTH, scan("add header", 8.0), NONE, config, NOW).action == "reject"
+    assert decide(AUTH, scan("add header", 8.0), NONE, CONFIG, NOW).action == "add header"
 
 
 def test_forwarding_actions_are_configurable():
     config = from_dict({"forwarding": {"spam_actions": ["greylist"]}})
-    assert decide(TO_FWD, scan("greylist", 4.0), FWD, config).action == "reject"
-    assert decide(TO_FWD, scan("add header", 7.0), FWD, config).action == "add header"
+    assert decide(TO_FWD, scan("greylist", 4.0), FWD, config, NOW).action == "reject"
+    assert decide(TO_FWD, scan("add header", 7.0), FWD, config, NOW).action == "add header"
 
 
 @pytest.mark.parametrize("envelope, context, failure_cfg, action, defer", [
@@ -90,7 +91,7 @@ def test_forwarding_actions_are_configurable():
 def test_scanner_failure_is_a_configured_decision(envelope, context, failure_cfg, action, defer):
     config = from_dict({"failure": failure_cfg,
                         "outbound": {"relay_networks": ["192.0.2.0/24"]}})
-    decision = decide(envelope, ScanFailure("connection refused"), context, config)
+    decision = decide(envelope, ScanFailure("connection refused"), context, config, NOW)
     assert (decision.action, decision.defer) == (action, defer)
     assert decision.failure == ScanFailure("connection refused")
     assert "connection refused" in decision.reason
@@ -115,36 +116,36 @@ def test_classify(envelope, traffic, reason_part):
 
 
 def test_decision_explains_itself():
-    d = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG)
+    d = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW)
     assert d.forwarding == ("fwd@example.com",)
     assert "fwd@example.com" in d.reason and "add header" in d.reason
     names = {s.name: s for s in d.symbols}
     assert names[SYM_FORWARDING].options == ("fwd@example.com",)
 
-    d = decide(AUTH, scan("reject", 15.0), NONE, CONFIG)
+    d = decide(AUTH, scan("reject", 15.0), NONE, CONFIG, NOW)
     assert "outbound spam" in d.reason and "alice" in d.reason
     assert SYM_OUTBOUND in {s.name for s in d.symbols}
 
     d = decide(INBOUND, scan("reject", 15.0, messages=(("smtp_message", "Gtube pattern"),)),
-               NONE, CONFIG)
+               NONE, CONFIG, NOW)
     assert d.reason.startswith("Gtube pattern")
     assert d.symbols == ()
 
 
 def test_decide_is_pure():
-    first = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG)
-    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG) == first
+    first = decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW)
+    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW) == first
 
 
 def test_forwarding_reject_message_is_the_public_text_and_the_reason_follows():
     from exim_policy.protocol import rspamc
 
     config = from_dict({"forwarding": {"reject_message": "Spam to a forwarding address"}})
-    d = decide(TO_FWD, scan("add header", 6.9), FWD, config)
+    d = decide(TO_FWD, scan("add header", 6.9), FWD, config, NOW)
     assert d.message == "Spam to a forwarding address" and "fwd@example.com" in d.reason
     lines = rspamc.build_reply(d).split(b"\r\n")
     messages = [line for line in lines if line.startswith(b"Message: ")]
     assert messages[0] == b"Message: Spam to a forwarding address"
     assert messages[1].startswith(b"Message: spam to a recipient that forwards externally")
     # without it, the reason is the public text
-    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG).message is None
+    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW).message is None

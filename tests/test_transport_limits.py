@@ -5,7 +5,8 @@ import logging
 
 import pytest
 
-from exim_policy.transport.limits import ByteBudget, ConnectionTable, Tally
+from exim_policy.tally import Tally
+from exim_policy.transport.limits import ByteBudget, ConnectionTable
 
 
 class Conn:

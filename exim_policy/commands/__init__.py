@@ -12,6 +12,7 @@ MODULES = (
     "forwardings",
     "query",
     "test",
+    "accounts",
     "demo",
 
 )

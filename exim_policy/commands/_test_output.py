@@ -54,7 +54,6 @@ def result_dict(result: "Tested") -> dict:
     """One message as a JSON-ready dict (the ``--json`` line)."""
     decision = result.decision
     scan = decision.scan
-    assert scan is not None  # scanner failures never get here
     data = {
         "file": result.source.path,
         **({"mbox_index": result.source.mbox_index}
@@ -65,7 +64,8 @@ def result_dict(result: "Tested") -> dict:
         "direction": decision.traffic.value,
         "direction_reason": decision.traffic_reason,
         "forwarding": [display_text(r) for r in decision.forwarding],
-        "scanner": {
+        # None: not scanned (an account over its limit is refused whatever Rspamd says)
+        "scanner": None if scan is None else {
             "action": scan.action,
             "score": scan.score,
             "required_score": scan.required_score,
@@ -75,6 +75,7 @@ def result_dict(result: "Tested") -> dict:
             "subject": scan.subject,
             "message_id": scan.message_id,
         },
+        "account": account_dict(decision.account),
         "context_symbols": [{"name": s.name, "score": s.score, "options": list(s.options)}
                             for s in decision.symbols],
         "action": decision.action,
@@ -89,6 +90,41 @@ def result_dict(result: "Tested") -> dict:
                          for h in chain] for chain in ex.chains]}
             for ex in result.chains]
     return data
+
+
+def account_dict(outcome) -> dict | None:
+    """The account part: its state now, and what this message would record (nothing is)."""
+    if outcome is None:
+        return None
+    event = outcome.event
+    return {
+        "account": outcome.account,
+        "status": outcome.status.value,
+        "limit": outcome.limit,
+        "shadow": outcome.shadow,
+        "store_failed": outcome.store_failed,
+        "would_record": None if event is None else {
+            "counted": event.counted, "spam_verdict": event.spam,
+            "recipients": len(event.recipients)},
+        "would_transition": [{"kind": t.kind.value, "to": t.to.value, "mode": t.mode,
+                              "reason": t.reason} for t in outcome.transitions],
+    }
+
+
+def account_text(outcome) -> str:
+    """One line for the panel: the account's state and what this message would add."""
+    if outcome.store_failed:
+        return f"{outcome.account}: the account store is unreachable (nothing counted)"
+    event = outcome.event
+    adds = (f"would count 1 message, {len(event.recipients)} recipient(s)" if event.counted
+            else f"would not count (over its limit: {outcome.limit})")
+    if event.spam:
+        adds += " and 1 spam verdict"
+    steps = "".join(f"; would open an incident ({t.mode}): {t.reason}"
+                    if t.kind.value == "opened" else f"; would lock the account: {t.reason}"
+                    for t in outcome.transitions)
+    shadow = " [shadow mode]" if outcome.shadow else ""
+    return f"{outcome.account}: {outcome.status.value}{shadow}; {adds}{steps}"
 
 
 class JsonOutput:
@@ -168,9 +204,10 @@ class RichOutput:
     def result(self, result: "Tested") -> None:
         decision, scan, outcome = result.decision, result.decision.scan, result.outcome
         style = STYLES.get(outcome.outcome, "white")
-        self.rows.append((result.source.label, decision.traffic.value, scan.action,
-                          f"{scan.score:.2f}/{scan.required_score:.2f}", decision.action,
-                          outcome.outcome, style))
+        self.rows.append((result.source.label, decision.traffic.value,
+                          scan.action if scan else "(not asked)",
+                          f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
+                          decision.action, outcome.outcome, style))
         if self.panels:
             self.console.print(self._panel(result, style))
         self._advance()
@@ -192,13 +229,18 @@ class RichOutput:
                                                 decision.traffic_reason))
         grid.add_row("Forwarding", Text(self._forwarding_text(result)))
         rspamd = Text()
-        rspamd.append(scan.action, style="bold")
-        rspamd.append(f", score {scan.score:.2f} / {scan.required_score:.2f}")
-        if scan.is_skipped:
-            rspamd.append(" (is_skipped: a pre-result, the other rules did not run)")
-        for key, text in scan.messages:
-            rspamd.append(f"\n{key + ': ' if key else ''}{text}")
+        if scan is None:
+            rspamd.append("not asked: the account is over a limit, the answer is 451 anyway")
+        else:
+            rspamd.append(scan.action, style="bold")
+            rspamd.append(f", score {scan.score:.2f} / {scan.required_score:.2f}")
+            if scan.is_skipped:
+                rspamd.append(" (is_skipped: a pre-result, the other rules did not run)")
+            for key, text in scan.messages:
+                rspamd.append(f"\n{key + ': ' if key else ''}{text}")
         grid.add_row("Rspamd", rspamd)
+        if decision.account is not None:
+            grid.add_row("Account", Text(account_text(decision.account)))
         final = Text()
         final.append(decision.action, style=f"bold {style}")
         final.append(f": {decision.reason}")
@@ -212,7 +254,7 @@ class RichOutput:
         symbols.add_column("Symbol", no_wrap=True)
         symbols.add_column("Score", justify="right", no_wrap=True)
         symbols.add_column("Options")
-        for sym in _sorted_symbols(scan.symbols):
+        for sym in _sorted_symbols(scan.symbols if scan else ()):
             score_style = "red" if sym.score > 0 else "green" if sym.score < 0 else "dim"
             symbols.add_row(Text(sym.name), Text(f"{sym.score:.2f}", style=score_style),
                             Text(_options_text(sym.options)))

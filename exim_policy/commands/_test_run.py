@@ -28,6 +28,8 @@ from ..protocol.mbox import strip_mbox_from_line
 from ..protocol.text import valid_ip
 from ..scanner.rspamd import RspamdScanner
 from ..service import Evaluation, PolicyService
+from ..state import open_store
+from ..state.tracker import AccountTracker
 
 #: messages scanned at once: enough to overlap file reads and Rspamd round trips, few
 #: enough that large messages do not pile up in memory
@@ -318,18 +320,31 @@ def _run(args: argparse.Namespace, config, overrides, quarantine: str,
     from . import _test_output
 
     fmap, map_note = forwarding_map(config.forwarding.map)
-    service = PolicyService(config, RspamdScanner(config.rspamd.url, config.rspamd.timeout),
-                            fmap.forwards)
-    runner = Runner(config, service, overrides, exim_mbox=args.exim_mbox,
-                    quarantine=quarantine)
     out = _test_output.make_output(args, total=len(sources))
     if map_note:
         out.note(map_note)
     for error in errors:
         out.error(error)
-    status = asyncio.run(_drive(runner, sources, out))
+    status = asyncio.run(_drive_all(args, config, fmap, overrides, quarantine, sources, out))
     out.finish()
     return 2 if errors else status
+
+
+async def _drive_all(args: argparse.Namespace, config, fmap, overrides, quarantine: str,
+                     sources: list[Source], out) -> int:
+    """With accounts on, each message is shown with its account's state; nothing is
+    recorded (the store is only read)."""
+    accounts = AccountTracker(config, open_store(config.accounts)) \
+        if config.accounts.enabled else None
+    service = PolicyService(config, RspamdScanner(config.rspamd.url, config.rspamd.timeout),
+                            fmap.forwards, accounts, record=False)
+    runner = Runner(config, service, overrides, exim_mbox=args.exim_mbox,
+                    quarantine=quarantine)
+    try:
+        return await _drive(runner, sources, out)
+    finally:
+        if accounts is not None:
+            await accounts.store.close()
 
 
 async def _drive(runner: Runner, sources: list[Source], out) -> int:

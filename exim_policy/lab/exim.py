@@ -2,8 +2,8 @@
 
 ``EximLab(workdir, spamd_address=..., sink_port=...)`` lays out ``<workdir>/exim/``:
 
-- ``conf/`` holds COPIES of exim/*.conf (exim.conf, main.conf, acl_rcpt.conf,
-  acl_data.conf, routers.conf) and ``lab.conf``, the wrapper Exim is started with: it
+- ``conf/`` holds COPIES of exim/*.conf (exim.conf, main.conf, acl_mail.conf,
+  acl_rcpt.conf, acl_data.conf, routers.conf) and ``lab.conf``, the wrapper Exim is started with: it
   defines the SITE_* and EXIM_POLICY_* macros (paths, port, shim address, policy-helper
   address, relay hosts, quarantine) and then
   ``.include``s ``conf/exim.conf`` (or a caller's ``template``).  Copies, because Exim
@@ -60,8 +60,9 @@ HOSTNAME = "mx.lab.test"
 QUARANTINE = f"quarantine@{DOMAIN}"
 DEFAULT_USERS = ("bob", "carol", "dave", "quarantine", "postmaster")
 DEFAULT_AUTH_USERS: Mapping[str, str] = {"tester": "testpass"}
-#: the files of exim/ the lab copies; exim.conf includes the other four
-CONFIG_FILES = ("exim.conf", "main.conf", "acl_rcpt.conf", "acl_data.conf", "routers.conf")
+#: the files of exim/ the lab copies; exim.conf includes the others
+CONFIG_FILES = ("exim.conf", "main.conf", "acl_mail.conf", "acl_rcpt.conf", "acl_data.conf",
+                "routers.conf")
 LOOPBACK6 = "::1"
 #: EXIM_POLICY_QUERY when no helper is given: nothing can listen on port 0
 NO_QUERY_HELPER = f"inet:{LOOPBACK}:0"

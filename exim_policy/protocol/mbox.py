@@ -12,10 +12,12 @@ forged ``X-Envelope-*`` headers of its own further down, which are ignored.
 """
 from __future__ import annotations
 
+import email.errors
+import email.header
 from collections.abc import Sequence
 from datetime import datetime
 
-from .text import has_line_breaker, split_address_list, strip_angle
+from .text import has_line_breaker, printable, split_address_list, strip_angle
 
 _FROM_ = b"From "
 
@@ -123,3 +125,23 @@ def envelope_from_mbox(body: bytes) -> tuple[str | None, tuple[str, ...]]:
         else:
             recipients = tuple(split_address_list(value))
     return sender, recipients
+
+
+def subject_of(body: bytes | bytearray, max_lines: int = 200) -> str | None:
+    """The message's Subject (RFC 2047 words decoded), as safe one-line text, or None.
+
+    Looked for in the first ``max_lines`` header lines only: it is evidence for an
+    incident notice, not worth reading a large header block for.
+    """
+    for name, value in leading_headers(body, max_lines):
+        if name.lower() == "subject":
+            try:  # raw 8-bit UTF-8 (SMTPUTF8) arrives as latin-1 text
+                value = value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                pass
+            try:
+                text = str(email.header.make_header(email.header.decode_header(value)))
+            except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+                text = value
+            return printable(text, 200)
+    return None

@@ -124,3 +124,23 @@ def valid_ip(text: str | None) -> str | None:
     except ValueError:
         return None
     return text
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for a log line, a mail header or a key: backslash and every
+    non-printable character escaped (``\\x00``, ``\\n``, ``\\u2028``), at most ``limit``
+    characters, a longer one cut with ``...(N chars)``. Printable non-ASCII stays."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    escaped = "".join(out)
+    if len(escaped) <= limit:
+        return escaped
+    return f"{escaped[:limit]}...({len(text)} chars)"

@@ -26,7 +26,8 @@ from ..config import ServerConfig
 from ..model import ProtocolError, Request
 from ..protocol import spamc
 from ..protocol.parser import NEED_DATA, RequestParser
-from .limits import BudgetWait, Limits, Tally
+from ..tally import Tally
+from .limits import BudgetWait, Limits
 from .listeners import client_allowed, start_listeners
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,12 @@
 Made for ``${readsocket}`` (Exim sends the request, half-closes by default, reads to EOF)::
 
     ${readsocket{inet:127.0.0.1:11336}{forwarding $local_part@$domain\\n}{3s}{}{error}}
+    ${readsocket{inet:127.0.0.1:11336}{account $authenticated_id\\n}{3s}{}{ok}}
 
 Requests (case-insensitive verb, one per connection; the line ends at a newline or EOF):
     ``forwarding ADDR``  -> ``yes`` / ``no``: ADDR forwards to an external mailbox
+    ``account USER``     -> ``ok`` / ``throttled`` / ``held`` / ``locked`` (accounts off
+                            or in shadow mode: always ``ok``)
     ``ping``             -> ``pong``
 Anything else gets ``error <why>``. Answers carry no trailing newline: Exim 4.96's
 ``${readsocket}`` returns the bytes as they are (an empty fourth argument does not strip
@@ -14,23 +17,38 @@ a newline), so ``${if eq{${readsocket{...}}}{yes}}`` works as written.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+import logging
+from collections.abc import Awaitable, Callable
 
-from .transport.listeners import client_allowed, start_listeners
+from ..model import AccountStatus
+from ..state.names import user_account
+from .listeners import client_allowed, start_listeners
+
+log = logging.getLogger(__name__)
 
 MAX_LINE = 1024
 READ_TIMEOUT = 5.0
 
+#: the account verb's source of answers (the daemon's AccountTracker.status)
+AccountStatusOf = Callable[[str], Awaitable[AccountStatus]]
 
-def answer(line: bytes, forwards: Callable[[str], bool]) -> bytes:
-    """The reply for one request line (pure)."""
+
+def parse(line: bytes) -> tuple[str, str]:
+    """(verb, argument) of a request line; the verb lower-cased."""
     text = line.decode("latin-1").strip()
     verb, _, arg = text.partition(" ")
-    verb, arg = verb.lower(), arg.strip()
+    return verb.lower(), arg.strip()
+
+
+def answer(line: bytes, forwards: Callable[[str], bool]) -> bytes:
+    """The reply for a request line that needs no account store (pure)."""
+    verb, arg = parse(line)
     if verb == "forwarding":
         if not arg or " " in arg or "@" not in arg:
             return b"error usage: forwarding LOCALPART@DOMAIN"
         return b"yes" if forwards(arg) else b"no"
+    if verb == "account":
+        return b"ok" if arg else b"error usage: account USER"
     if verb == "ping" and not arg:
         return b"pong"
     return b"error unknown request"
@@ -38,12 +56,16 @@ def answer(line: bytes, forwards: Callable[[str], bool]) -> bytes:
 
 class QueryServer:
     def __init__(self, addresses, allowed_clients, forwards: Callable[[str], bool],
-                 unix_mode: int = 0o666) -> None:
+                 unix_mode: int = 0o666, accounts: AccountStatusOf | None = None) -> None:
+        """``accounts``: answers ``account USER`` from the store (None: accounts off, the
+        answer is always ``ok``)."""
         self.addresses = addresses
         self.unix_mode = unix_mode
         self.allowed_clients = allowed_clients
         self.forwards = forwards
+        self.accounts = accounts
         self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def sockets(self):
@@ -56,12 +78,24 @@ class QueryServer:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=READ_TIMEOUT)
         for server in self._servers:
             await server.wait_closed()
 
+    async def account_answer(self, user: str) -> bytes:
+        assert self.accounts is not None
+        try:
+            status = await self.accounts(user_account(user))
+        except Exception:  # a bug; Exim's fail string (ok) applies, the log says why
+            log.exception("account query for %r failed", user[:200])
+            return b"error internal"
+        return status.value.encode("ascii")
+
 
 class _QueryConnection(asyncio.Protocol):
-    """Callbacks only, no task: a query is answered inside data_received/eof_received."""
+    """Callbacks only, no task, for answers that need no store: a query is answered inside
+    data_received/eof_received. ``account USER`` (with a store) is answered by a task."""
 
     def __init__(self, server: QueryServer) -> None:
         self.server = server
@@ -100,7 +134,22 @@ class _QueryConnection(asyncio.Protocol):
         self.timer.cancel()
         self.timer = None
         if line is None:
-            self.transport.write(b"error request too long")
-        else:
-            self.transport.write(answer(line, self.server.forwards))
-        self.transport.close()
+            self._send(b"error request too long")
+            return
+        verb, user = parse(line)
+        if verb == "account" and user and self.server.accounts is not None:
+            task = asyncio.get_running_loop().create_task(self.server.account_answer(user))
+            self.server._tasks.add(task)
+            task.add_done_callback(self._answered)
+            return
+        self._send(answer(line, self.server.forwards))
+
+    def _answered(self, task: asyncio.Task) -> None:
+        self.server._tasks.discard(task)
+        if not task.cancelled():
+            self._send(task.result())
+
+    def _send(self, reply: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(reply)
+            self.transport.close()

@@ -10,7 +10,7 @@ import pytest
 from exim_policy import cli
 from exim_policy.config import ListenAddress, from_dict
 from exim_policy.forwarding.mapfile import ForwardingMap
-from exim_policy.query import QueryServer, answer
+from exim_policy.transport.helper import QueryServer, answer
 
 FMAP = ForwardingMap.parse("fwd@example.com\n@old.example\n")
 
@@ -26,6 +26,8 @@ FMAP = ForwardingMap.parse("fwd@example.com\n@old.example\n")
     (b"forwarding nodomain", b"error usage: forwarding LOCALPART@DOMAIN"),
     (b"ping", b"pong"),
     (b"locked alice", b"error unknown request"),
+    (b"account alice", b"ok"),  # accounts off
+    (b"account", b"error usage: account USER"),
     (b"\xff\xfe garbage", b"error unknown request"),
     (b"", b"error unknown request"),
 ])
