@@ -120,8 +120,9 @@ async def open_accounts(config: Config) -> AccountTracker | None:
     """
     if not config.accounts.enabled:
         return None
-    store = open_store(config.accounts)
+    store = open_store(config.accounts, daemon=True)
     try:
+        await store.refresh(time.time())  # loads what a cache holds; opens the file
         await store.prune(time.time())
     except StoreError as exc:
         if config.accounts.store == "sqlite":

@@ -250,9 +250,11 @@ def _account_symbol(outcome: AccountOutcome, note: str) -> Symbol:
 
 
 def _annotated(verdict: Decision, outcome: AccountOutcome, note: str) -> Decision:
-    """The verdict as it is, with the account named (and what it adds, if anything)."""
-    reason = f"{verdict.reason}; {note}" if note else verdict.reason
-    return dataclasses.replace(verdict, reason=reason, account=outcome,
+    """The verdict as it is, with what the account adds to it, if anything (then the
+    reason says it and the reply carries an EXIM_POLICY_ACCOUNT symbol)."""
+    if not note:
+        return dataclasses.replace(verdict, account=outcome)
+    return dataclasses.replace(verdict, reason=f"{verdict.reason}; {note}", account=outcome,
                                symbols=verdict.symbols + (_account_symbol(outcome, note),))
 
 

@@ -64,13 +64,17 @@ class PolicyService:
         account = account_of(envelope, traffic, self.config) if self.accounts else None
         if account is not None and self.accounts is not None:
             facts = await self.accounts.facts(account, envelope.recipients, now)
-            context = dataclasses.replace(context, account=facts, subject=subject_of(body))
+            context = dataclasses.replace(context, account=facts)
         scan: ScanResult | ScanFailure | ScanSkipped
         if not must_scan(envelope, context, self.config):
             scan = ScanSkipped("the account is over a limit")
         else:
             scan = await self._scan(body, envelope,
                                     self.config.rspamd.settings_id.for_traffic(traffic))
+            if context.account is not None and isinstance(scan, ScanResult) \
+                    and scan.action in self.config.outbound.spam_actions:
+                # evidence for a notice is kept for spam only: read its Subject then
+                context = dataclasses.replace(context, subject=subject_of(body))
         decision = decide(envelope, scan, context, self.config, now)
         if self.record and self.accounts is not None and decision.account is not None:
             await self.accounts.record(decision)

@@ -1,4 +1,5 @@
-"""One contract for every account store: memory, sqlite, and redis (a real redis-server).
+"""One contract for every account store: memory, sqlite, the daemon's cached sqlite, and
+redis (a real redis-server).
 
 Time is passed in (``now``); nothing here sleeps. Each test gets a fresh store: a new
 SQLite file, or a Redis key prefix of its own on the session's server.
@@ -13,6 +14,7 @@ import pytest
 from exim_policy.config import from_dict
 from exim_policy.model import (AccountStatus, MessageEvent, Transition, TransitionKind)
 from exim_policy.state.base import AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT
+from exim_policy.state.cached import CachedSqliteStore
 from exim_policy.state.memory import MemoryStore
 from exim_policy.state.redis import RedisStore
 from exim_policy.state.sqlite import SqliteStore
@@ -26,7 +28,7 @@ CONFIG = from_dict({"accounts": ACCOUNTS}).accounts
 OK, HELD, LOCKED = AccountStatus.OK, AccountStatus.HELD, AccountStatus.LOCKED
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "cached", "redis"])
 def backend(request, tmp_path):
     """A factory: ``backend()`` opens the store (again: the same data, for persistence)."""
     kind = request.param
@@ -38,6 +40,8 @@ def backend(request, tmp_path):
             store = opened[0] if opened else MemoryStore(config)  # it lives in the process
         elif kind == "sqlite":
             store = SqliteStore(config, path=str(tmp_path / "accounts.db"))
+        elif kind == "cached":  # the daemon's: memory in front of the same file
+            store = CachedSqliteStore(config, path=str(tmp_path / "accounts.db"))
         else:
             redis_server = request.getfixturevalue("redis_server")
             store = RedisStore(from_dict({"accounts": {**ACCOUNTS, "store": "redis",
@@ -283,7 +287,7 @@ def test_prune_forgets_quiet_accounts_and_keeps_held_ones_and_history(backend):
 
 
 # ------------------------------------------------------------------- persistence --
-@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)  # memory: by design no
+@pytest.mark.parametrize("backend", ["sqlite", "cached", "redis"], indirect=True)  # memory: no
 def test_a_lock_survives_reopening_the_store(backend):
     async def lock(store):
         await store.record("alice", None, [MANUAL_LOCK], T0)
@@ -293,3 +297,33 @@ def test_a_lock_survives_reopening_the_store(backend):
 
     run(in_each(backend(), lock))
     assert run(in_each(backend(), read)).status is LOCKED
+
+
+def test_the_cached_store_sees_what_another_process_changed(tmp_path):
+    """The daemon's cache and the CLI's direct store on one file: a lock, an unlock and a
+    reset made by the CLI reach the cache at its next refresh; its own counts reach the
+    file behind it."""
+    path = str(tmp_path / "accounts.db")
+
+    async def go():
+        cache = CachedSqliteStore(CONFIG, path=path)
+        cli = SqliteStore(CONFIG, path=path)
+        await cache.refresh(T0)
+        for i in range(3):
+            await cache.record("alice", event(T0 + i), (), T0 + i)
+        await cli.record("alice", None, [MANUAL_LOCK], T0 + 5)
+        before = (await cache.state("alice", [], T0 + 6)).status
+        await cache.refresh(T0 + 6)
+        after = await cache.state("alice", [], T0 + 6)
+        await cache.detail("alice", T0 + 6)  # (a read of the file: writes itself first)
+        counted = (await cli.state("alice", [], T0 + 6)).windows[1].messages
+        await cli.record("alice", None, [UNLOCK], T0 + 7)
+        await cache.refresh(T0 + 8)
+        unlocked = await cache.state("alice", [], T0 + 8)
+        await cache.close()
+        await cli.close()
+        return before, after, counted, unlocked
+    before, after, counted, unlocked = run(go())
+    assert before is OK and after.status is LOCKED  # seen at the refresh, not before
+    assert counted == 3                            # the cache's counts are in the file
+    assert unlocked.status is OK and unlocked.windows[1].messages == 0

@@ -50,6 +50,30 @@ FORWARD_TARGET = "ext-fwd@example.com"
 EXTERNAL = "carol@example.com"
 USER = ("tester", "testpass")
 USER_ADDRESS = f"tester@{DOMAIN}"
+#: the account the incident scenarios compromise, and one that sends too fast
+MALLORY = ("mallory", "malpass")
+MALLORY_ADDRESS = f"mallory@{DOMAIN}"
+WALTER = ("walter", "walterpass")
+WALTER_ADDRESS = f"walter@{DOMAIN}"
+ABUSE = f"abuse@{DOMAIN}"
+#: the demo shim's [accounts]: the store in the work dir, notices to the abuse mailbox
+#: through Exim itself; tester's three GTUBE scenarios stay below spam_verdicts
+ACCOUNTS_TOML = """
+[accounts]
+enabled = true
+path = "{path}"
+[[accounts.limits]]
+window = "1m"
+messages = 10
+[accounts.incident]
+spam_verdicts = 4
+on_open = "hold"
+lock_after = 2
+[accounts.notify]
+mail_to = ["{abuse}"]
+mail_from = "exim-policy@{domain}"
+smtp = "127.0.0.1:{port}"
+"""
 STRANGER = "alice@example.org"
 RELAY_HOST = "::1"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -152,23 +176,32 @@ class Stack:
 
     def start(self, say: Callable[[str], None]) -> None:
         from ..lab import Lab
-        from ..lab.exim import EximLab
+        from ..lab.exim import DEFAULT_USERS, EximLab
+        from ..lab.exim import _free_port_v4_v6 as free_port_v4_v6
         from ..lab.shim import ShimLab
 
         say("starting the DNS responder, Rspamd and the SMTP sink")
         self.lab = Lab(self.workdir, sink=True)
         self.lab.start()
         say("starting the shim (exim-policy serve)")
+        exim_port = free_port_v4_v6()  # the shim mails its notices through this Exim
+        accounts = ACCOUNTS_TOML.format(path=self.workdir / "accounts.db", abuse=ABUSE,
+                                        domain=DOMAIN, port=exim_port)
         self.shim = ShimLab(self.workdir, rspamd_url=self.lab.rspamd.url,
-                            forwarding=(FORWARDER,), relay_networks=(f"{RELAY_HOST}/128",))
+                            forwarding=(FORWARDER,), relay_networks=(f"{RELAY_HOST}/128",),
+                            extra_toml=accounts)
         self.shim.start()
         say("starting Exim with exim/exim.conf")
         # with the policy helper: acl_rcpt.conf keeps local and forwarding recipients in
-        # separate transactions, the set-up the README recommends
+        # separate transactions, acl_mail.conf and the authenticators refuse locked
+        # accounts: the set-up the README recommends
         self.exim = EximLab(self.workdir, spamd_address=self.shim.spamd_address,
                             sink_port=self.lab.sink.port, relay_hosts=f"<; {RELAY_HOST}",
                             aliases={"fwd": FORWARD_TARGET}, ipv6=True,
-                            query_address=self.shim.query_address)
+                            query_address=self.shim.query_address,
+                            local_users=(*DEFAULT_USERS, "abuse"),
+                            auth_users=dict([USER, MALLORY, WALTER]))
+        self.exim.port = exim_port
         self.exim.start()
 
     def stop(self) -> None:
@@ -189,14 +222,21 @@ class Outcome:
 
 
 def send(stack: Stack, message: bytes, rcpts: Sequence[str], *, sender: str = STRANGER,
-         auth: bool = False, host: str = "127.0.0.1") -> tuple[int, str, str | None]:
-    """One SMTP transaction; returns (code, reply text, Exim queue id if accepted)."""
+         auth: bool | tuple[str, str] = False,
+         host: str = "127.0.0.1") -> tuple[int, str, str | None]:
+    """One SMTP transaction; returns (code, reply text, Exim queue id if accepted).
+    ``auth``: True logs in as tester, a (user, password) pair as that user."""
     with smtplib.SMTP(host, stack.exim.port, local_hostname="client.test",
                       timeout=60) as smtp:
         smtp.ehlo("client.test")
         if auth:
-            smtp.login(*USER)
-        smtp.mail(sender)
+            try:
+                smtp.login(*(USER if auth is True else auth))
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code, f"AUTH: {one_line(exc.smtp_error.decode())}", None
+        code, text = smtp.mail(sender)
+        if code != 250:
+            return code, f"MAIL: {one_line(text.decode(errors='replace'))}", None
         for rcpt in rcpts:
             code, text = smtp.rcpt(rcpt)
             if code not in (250, 251):
@@ -272,7 +312,7 @@ def locate(stack: Stack, message_id: str) -> tuple[str, ...]:
     """Where copies of the message are: mailboxes and the sink (with its recipients)."""
     places = []
     parser = email.parser.BytesHeaderParser(policy=email.policy.default)
-    for user in ("bob", "carol", "quarantine"):
+    for user in ("bob", "carol", "quarantine", "abuse"):
         for path in stack.exim.maildir_files(user):
             headers = parser.parsebytes(path.read_bytes())
             if (headers.get("Message-ID") or "").strip("<> ") == message_id:
@@ -347,8 +387,70 @@ def _with_down(part: str, inner: Callable[[Stack], Outcome]) -> Callable[[Stack]
     return action
 
 
+def _notices(stack: Stack, wait_for: int, timeout: float = 20.0) -> list[str]:
+    """The subjects of the incident notices in the abuse mailbox, once ``wait_for`` are."""
+    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+    deadline = time.monotonic() + timeout
+    while True:
+        subjects = [" ".join(str(parser.parsebytes(p.read_bytes())["Subject"]).split())
+                    for p in stack.exim.maildir_files("abuse")]
+        if len(subjects) >= wait_for or time.monotonic() >= deadline:
+            return subjects
+        time.sleep(0.1)
+
+
+def _compromised(stack: Stack) -> Outcome:
+    """mallory sends GTUBE four times: the fourth spam verdict opens an incident."""
+    for _ in range(4):
+        outcome = deliver(stack, gtube(EXTERNAL, MALLORY_ADDRESS), [EXTERNAL],
+                          sender=MALLORY_ADDRESS, auth=MALLORY)
+    notices = _notices(stack, 1)
+    return Outcome(outcome.reply, outcome.code,
+                   outcome.places + tuple(f"notice: {n}" for n in notices))
+
+
+def _locked(stack: Stack) -> Outcome:
+    """Two more spam verdicts while held (lock_after = 2): locked; a new session is
+    refused at AUTH."""
+    for _ in range(2):
+        deliver(stack, gtube(EXTERNAL, MALLORY_ADDRESS), [EXTERNAL], sender=MALLORY_ADDRESS,
+                auth=MALLORY)
+    notices = _notices(stack, 2)
+    msg = ham(EXTERNAL, MALLORY_ADDRESS)
+    code, reply, _ = send(stack, msg[1], [EXTERNAL], sender=MALLORY_ADDRESS, auth=MALLORY)
+    return Outcome(f"{code} {reply}", code,
+                   locate(stack, msg[0]) + (f"notice: {notices[-1]}",) if notices else ())
+
+
+def _unlocked(stack: Stack) -> Outcome:
+    """A human ends the incident; mallory's next ham is relayed."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "exim_policy", "accounts", "unlock",
+                           "mallory", "--reason", "password changed", "--config",
+                           str(stack.shim.config_path)], capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0:
+        return Outcome(f"accounts unlock failed: {done.stderr.strip()}", 0, ())
+    time.sleep(1.1)  # the daemon sees the change within a second
+    outcome = deliver(stack, ham(EXTERNAL, MALLORY_ADDRESS), [EXTERNAL],
+                      sender=MALLORY_ADDRESS, auth=MALLORY)
+    return Outcome(f"unlock: {done.stdout.strip()}; {outcome.reply}", outcome.code,
+                   outcome.places)
+
+
+def _too_fast(stack: Stack) -> Outcome:
+    """walter sends 11 messages within the minute; the limit is 10."""
+    for _ in range(10):
+        deliver(stack, ham(EXTERNAL, WALTER_ADDRESS), [EXTERNAL], sender=WALTER_ADDRESS,
+                auth=WALTER)
+    return deliver(stack, ham(EXTERNAL, WALTER_ADDRESS), [EXTERNAL], sender=WALTER_ADDRESS,
+                   auth=WALTER)
+
+
 def scenarios() -> list[Scenario]:
     q_ext = f"mailbox quarantine (for {EXTERNAL})"
+    opened = "notice: [exim-policy] incident 1 opened: account mallory is held"
     return [
         Scenario("inbound ham", "delivered to bob", 250, ("mailbox bob",),
                  lambda s: deliver(s, ham(LOCAL), [LOCAL])),
@@ -395,12 +497,27 @@ def scenarios() -> list[Scenario]:
         Scenario("shim down: inbound ham, then retry with the shim back",
                  "451 (nothing lost), retry delivered", 250, ("mailbox bob",),
                  _with_down("shim", _retry_after(_up("shim"), lambda: ham(LOCAL), [LOCAL]))),
+        Scenario("compromised account: mallory sends GTUBE 4 times",
+                 "quarantined; the 4th opens an incident: held, one notice to abuse@", 250,
+                 (q_ext, opened), _compromised),
+        Scenario("held account: mallory sends ham", "quarantined too, not relayed", 250,
+                 (q_ext,), lambda s: deliver(s, ham(EXTERNAL, MALLORY_ADDRESS), [EXTERNAL],
+                                             sender=MALLORY_ADDRESS, auth=MALLORY)),
+        Scenario("2 more GTUBE while held, then a new session",
+                 "locked: AUTH refused (535), notice to abuse@", 535,
+                 ("notice: [exim-policy] incident 1 locked: account mallory is locked",),
+                 _locked),
+        Scenario("exim-policy accounts unlock mallory, then ham", "relayed again", 250,
+                 (f"sink: {EXTERNAL}",), _unlocked),
+        Scenario("walter sends 11 messages within a minute (limit 10)",
+                 "the 11th: 451 at MAIL, nothing relayed", 451, (), _too_fast),
     ]
 
 
 # ------------------------------------------------------------------------- main --
 def _main(keep: bool) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ..lab import LabError, LabUnavailable
@@ -444,9 +561,10 @@ def _main(keep: bool) -> int:
     for column in ("#", "scenario", "expected", "SMTP reply", "ended up in", "result"):
         table.add_column(column, overflow="fold")
     for number, (scenario, outcome, ok, error) in enumerate(results, 1):
-        table.add_row(str(number), scenario.title, scenario.expected,
-                      outcome.reply if outcome else error,
-                      "\n".join(outcome.places) if outcome and outcome.places else "nowhere",
+        table.add_row(str(number), escape(scenario.title), escape(scenario.expected),
+                      escape(outcome.reply if outcome else error),
+                      escape("\n".join(outcome.places)) if outcome and outcome.places
+                      else "nowhere",
                       "[green]PASS[/]" if ok else "[red]FAIL[/]")
     console.print(table)
     for error in stack.errors:

@@ -74,6 +74,25 @@ class AccountDetail:
     evidence: tuple[MessageEvent, ...] = ()
 
 
+@dataclass
+class AccountImage:
+    """An account's working state as a store holds it (for a cache in front of a store)."""
+
+    account: str
+    status: AccountStatus
+    incident: Incident | None
+    since_hold: int
+    last_seen: float
+    #: (time, recipients) of counted messages, oldest first
+    messages: list[tuple[float, int]]
+    #: recipient -> the last time a counted message went to it
+    recipients: dict[str, float]
+    #: times of spam verdicts, oldest first
+    spam: list[float]
+    #: the newest spam messages' evidence, oldest first
+    evidence: list[MessageEvent]
+
+
 class AccountStore(Protocol):
     async def state(self, account: str, recipients: Sequence[str], now: float) -> AccountState:
         """The account at ``now``, with ``recipients`` (of the message being decided) counted
@@ -100,6 +119,11 @@ class AccountStore(Protocol):
 
     async def prune(self, now: float) -> None:
         """Drop what is older than the retention and the history (called now and then)."""
+        ...
+
+    async def refresh(self, now: float) -> None:
+        """Take in what other processes changed (called at start and a few times a
+        second; a store that reads through to its backend has nothing to do)."""
         ...
 
     async def close(self) -> None:

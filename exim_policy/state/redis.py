@@ -376,5 +376,8 @@ class RedisStore:
         except RedisError as exc:
             raise StoreError(f"account store {self.config.redis_url}: {exc}") from None
 
+    async def refresh(self, now: float) -> None:
+        pass  # every read goes to Redis
+
     async def close(self) -> None:
         await self.client.aclose()

@@ -8,21 +8,21 @@ the last commits (counts), never corrupt the file.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import functools
 import json
 import os
 import sqlite3
+import uuid
 from collections.abc import Sequence
 
 from ..config import AccountsConfig
 from ..model import (AccountState, AccountStatus, Counts, Incident, MessageEvent, Transition,
                      TransitionKind)
-from .base import (AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT, AccountDetail, AccountSummary,
+from .base import (AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT, AccountDetail, AccountImage,
+                   AccountSummary,
                    Applied, AuditEntry, StoreError, allowed, audit_action, event_from_json,
                    event_json, evidence, incident_state, recipient_key, windows_of)
 from .memory import DAEMON
+from .thread import StoreThread
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -35,6 +35,7 @@ CREATE INDEX IF NOT EXISTS messages_by_account ON messages (account, at);
 CREATE TABLE IF NOT EXISTS recipients (account TEXT NOT NULL, recipient TEXT NOT NULL,
                                        at REAL NOT NULL, PRIMARY KEY (account, recipient))
     WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipients_by_time ON recipients (account, at);
 CREATE TABLE IF NOT EXISTS spam (account TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS spam_by_account ON spam (account, at);
 CREATE TABLE IF NOT EXISTS evidence (id INTEGER PRIMARY KEY, account TEXT NOT NULL,
@@ -49,22 +50,29 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, account TEXT NOT NULL,
                                   at REAL NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL,
                                   reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_account ON audit (account, id);
+-- accounts whose status, incident or counters a writer changed other than by counting a
+-- message: a cache in another process (the daemon's) reloads them
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                                    origin TEXT NOT NULL, account TEXT NOT NULL,
+                                    at REAL NOT NULL);
 """
+#: rows of the change log kept (a cache polls it a few times a second)
+CHANGES_KEPT_SECONDS = 3600.0
 
 
 class SqliteStore:
     def __init__(self, config: AccountsConfig, path: str | None = None) -> None:
         self.config = config
         self.path = path or config.path
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="exim-policy-sqlite")
+        self._thread = StoreThread("exim-policy-sqlite")
         self._db: sqlite3.Connection | None = None
+        #: this store's name in the change log (its own changes are not news to it)
+        self.origin = uuid.uuid4().hex
 
     # ------------------------------------------------------------ the store thread --
     async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            return await self._thread.call(fn, *args)
         except sqlite3.Error as exc:
             raise StoreError(f"account store {self.path}: {exc}") from None
         except OSError as exc:
@@ -144,6 +152,8 @@ class SqliteStore:
                 if allowed(transition, AccountStatus(status), incident):
                     applied.append(Applied(transition, self._make(db, account, incident,
                                                                   transition, now)))
+            if applied:
+                self._changed(db, account, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -221,6 +231,10 @@ class SqliteStore:
                    "WHERE account = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                    (account, account, AUDIT_KEPT))
 
+    def _changed(self, db: sqlite3.Connection, account: str, now: float) -> None:
+        db.execute("INSERT INTO changes (origin, account, at) VALUES (?, ?, ?)",
+                   (self.origin, account, now))
+
     @staticmethod
     def _clear_counters(db: sqlite3.Connection, account: str) -> None:
         for table in ("messages", "recipients", "spam", "evidence"):
@@ -230,6 +244,81 @@ class SqliteStore:
                      transitions: Sequence[Transition], now: float) -> tuple[Applied, ...]:
         return await self._run(self._record, account, event, tuple(transitions), now)
 
+    def _record_many(self, items: Sequence[tuple[str, MessageEvent]]) -> None:
+        """Events without transitions, in one transaction: a cache's writes. The common
+        case (counted, not spam) goes in three statements for the whole batch."""
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO accounts (id, last_seen) VALUES (?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+                [(account, event.at) for account, event in items])
+            plain = [(a, e) for a, e in items if e.counted and not e.spam]
+            db.executemany("INSERT INTO messages VALUES (?, ?, ?)",
+                           [(a, e.at, len(e.recipients)) for a, e in plain])
+            db.executemany(
+                "INSERT INTO recipients VALUES (?, ?, ?) ON CONFLICT (account, recipient) "
+                "DO UPDATE SET at = excluded.at",
+                [(a, rcpt, e.at) for a, e in plain
+                 for rcpt in {recipient_key(r) for r in e.recipients}])
+            for account, event in items:
+                if event.spam or not event.counted:
+                    self._add_event(db, account, event, event.at)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def record_many(self, items: Sequence[tuple[str, MessageEvent]]) -> None:
+        await self._run(self._record_many, list(items))
+
+    # ------------------------------------------------------------ for a cache --
+    def _images(self, accounts: Sequence[str] | None, now: float) -> list[AccountImage]:
+        """The working state of ``accounts`` (None: of every account that has some)."""
+        db = self._connect()
+        start = now - self.config.retention
+        if accounts is None:
+            accounts = [a for a, in db.execute(
+                "SELECT id FROM accounts WHERE status != 'ok' OR incident IS NOT NULL "
+                "OR last_seen >= ?", (start,))]
+        images = []
+        for account in accounts:
+            row = db.execute("SELECT status, incident, since_hold, last_seen FROM accounts "
+                             "WHERE id = ?", (account,)).fetchone()
+            if row is None:
+                continue
+            status, incident_id, since_hold, last_seen = row
+            images.append(AccountImage(
+                account, AccountStatus(status),
+                self._incident(db, incident_id) if incident_id is not None else None,
+                since_hold, last_seen,
+                db.execute("SELECT at, recipients FROM messages WHERE account = ? AND at >= ? "
+                           "ORDER BY at", (account, start)).fetchall(),
+                dict(db.execute("SELECT recipient, at FROM recipients WHERE account = ? "
+                                "AND at >= ?", (account, start)).fetchall()),
+                [at for at, in db.execute("SELECT at FROM spam WHERE account = ? AND at >= ? "
+                                          "ORDER BY at", (account, start))],
+                list(reversed(self._evidence(db, account)))))
+        return images
+
+    async def images(self, accounts: Sequence[str] | None, now: float) -> list[AccountImage]:
+        return await self._run(self._images, accounts, now)
+
+    def _changes(self, after: int) -> tuple[int, list[str]]:
+        """(the newest seq, accounts changed by other writers after ``after``)."""
+        db = self._connect()
+        rows = db.execute("SELECT seq, origin, account FROM changes WHERE seq > ? ORDER BY seq",
+                          (after,)).fetchall()
+        if not rows:
+            newest, = db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            return max(newest, after), []
+        return rows[-1][0], list(dict.fromkeys(a for _, origin, a in rows
+                                               if origin != self.origin))
+
+    async def changes(self, after: int) -> tuple[int, list[str]]:
+        return await self._run(self._changes, after)
+
     def _reset(self, account: str, who: str, reason: str, now: float) -> bool:
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
@@ -238,6 +327,7 @@ class SqliteStore:
             if found:
                 self._clear_counters(db, account)
                 self._audit(db, account, now, who, "reset", reason)
+                self._changed(db, account, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -286,6 +376,7 @@ class SqliteStore:
         try:
             for table in ("messages", "recipients", "spam"):
                 db.execute(f"DELETE FROM {table} WHERE at < ?", (start,))
+            db.execute("DELETE FROM changes WHERE at < ?", (now - CHANGES_KEPT_SECONDS,))
             # accounts with nothing counted, no status and no recent history go, with all
             # they keep
             quiet = db.execute(
@@ -310,10 +401,13 @@ class SqliteStore:
     async def prune(self, now: float) -> None:
         await self._run(self._prune, now)
 
+    async def refresh(self, now: float) -> None:
+        pass  # every read goes to the file
+
     async def close(self) -> None:
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
         await self._run(shut)
-        self._executor.shutdown(wait=True)
+        self._thread.stop()

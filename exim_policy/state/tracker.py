@@ -6,7 +6,8 @@
 - ``record()``: what ``decide()`` returned to record; the transitions the store made are
   logged and notified (once: only the daemon whose record made them notifies).
 - ``status()``: the policy helper's answer (``account USER``), from a cache of at most
-  :data:`STATUS_TTL` seconds, so a change made by the CLI is seen within a second.
+  :data:`STATUS_TTL` seconds; with the store's own refresh every :data:`REFRESH_EVERY`
+  seconds, a change made by the CLI is seen within a second.
 
 Store failures are logged at most once per :data:`FAILURE_LOG_EVERY` seconds.
 """
@@ -26,8 +27,10 @@ from .base import AccountStore, Applied, StoreError
 
 log = logging.getLogger("exim_policy.accounts")
 
-STATUS_TTL = 1.0
+STATUS_TTL = 0.5
 FAILURE_LOG_EVERY = 5.0
+#: how often a cache in front of the store takes in other processes' changes
+REFRESH_EVERY = 0.25
 #: accounts whose hold or lock this daemon remembers (for a store outage)
 REMEMBERED = 100_000
 PRUNE_EVERY = 60.0
@@ -112,11 +115,15 @@ class AccountTracker:
 
     # ----------------------------------------------------------------- upkeep --
     async def run(self) -> None:
-        """Prune the store now and then (old counts, quiet accounts)."""
+        """Take in other processes' changes a few times a second; prune now and then."""
+        next_prune = time.monotonic() + PRUNE_EVERY
         while True:
-            await asyncio.sleep(PRUNE_EVERY)
+            await asyncio.sleep(REFRESH_EVERY)
             try:
-                await self.store.prune(self.clock())
+                await self.store.refresh(self.clock())
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY
+                    await self.store.prune(self.clock())
             except StoreError as exc:
                 self._failed(exc)
 
