@@ -128,6 +128,16 @@ class ShimLab:
         except OSError:
             return "(no shim log)"
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it holds ``text`` (the daemon writes it from a thread of its own,
+        so a line can trail the answer it is about); raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log_text()):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"shim log: no {text!r} after {timeout}s\n{self.log_tail()}")
+            time.sleep(0.05)
+        return log
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

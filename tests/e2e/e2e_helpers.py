@@ -128,13 +128,16 @@ def normalise(text: str) -> str:
 
 
 def build_debian_config(base: Path, exim_dir: Path, site_macros: str, *,
-                        rcpt_hook: bool = False) -> Path:
+                        rcpt_hook: bool = False, auth: str = "",
+                        files: dict[str, str] | None = None) -> Path:
     """Debian's split configuration (a copy of /etc/exim4 under ``base``) plus the
     snippets of ``exim_dir/debian``, built with update-exim4.conf; returns the config.
 
     ``site_macros`` go first in main/ (the test's own settings); a private spool and "no
     DNS at all" are added here, and the DATA hook (plus the RCPT hook with ``rcpt_hook``)
-    points at the copied snippets, as exim/debian/README.md says.
+    points at the copied snippets, as exim/debian/README.md says. ``auth``: an
+    authenticator of the test's, in conf.d/auth/; ``files``: more files in the copied
+    /etc/exim4 (name -> text, readable by Debian-exim).
     """
     import shutil
     import subprocess
@@ -154,6 +157,12 @@ def build_debian_config(base: Path, exim_dir: Path, site_macros: str, *,
     for snippet in snippets.rglob("*"):
         if snippet.is_file():
             shutil.copyfile(snippet, conf_d / snippet.relative_to(snippets))
+    if auth:
+        (conf_d / "auth" / "35_test_authenticator").write_text(auth)
+    for name, text in (files or {}).items():
+        (confdir / name).write_text(text)
+        shutil.chown(confdir / name, "root", "Debian-exim")
+        (confdir / name).chmod(0o640)
     spool = base / "spool"
     spool.mkdir()
     shutil.chown(spool, "Debian-exim", "Debian-exim")

@@ -210,4 +210,4 @@ def test_shadow_mode_holds_nothing_and_says_would(chain):
     wait_sink(c.sink, mid)  # relayed: nothing is held
     _, again = ham(exim)
     assert again.accepted  # the MAIL ACL got "ok" from the helper too
-    assert "would be locked" in shim.log_text()
+    shim.wait_log("would be locked")
