@@ -13,11 +13,11 @@ import time
 from .config import Config, ConfigError
 from .forwarding.watch import MapWatcher
 from .notify import Notifier
-from .transport.helper import QueryServer
 from .scanner.rspamd import RspamdScanner
 from .service import PolicyService
 from .state import StoreError, open_store
 from .state.tracker import AccountTracker
+from .transport.helper import QueryServer
 from .transport.limits import Limits
 from .transport.spamd import SpamdServer
 

@@ -18,9 +18,9 @@ from .policy import account_of, classify, decide, must_scan
 from .protocol import rspamc, spamc
 from .protocol.mbox import strip_mbox_from_line, subject_of
 from .protocol.text import printable
-from .state.tracker import AccountTracker
 from .scanner import Scanner, ScannerError
 from .scanner.rspamd import within
+from .state.tracker import AccountTracker
 
 log = logging.getLogger("exim_policy.decision")
 

@@ -219,14 +219,6 @@ def event_from_json(text: str | bytes) -> MessageEvent:
                         symbols=tuple(doc["symbols"]))
 
 
-def incident_json(incident: Incident) -> str:
-    return json.dumps({"id": incident.id, "account": incident.account,
-                       "opened": incident.opened, "state": incident.state,
-                       "reason": incident.reason, "shadow": incident.shadow,
-                       "closed": incident.closed, "evidence": incident.evidence},
-                      separators=(",", ":"))
-
-
 def incident_from_json(text: str | bytes) -> Incident:
     doc = json.loads(text)
     return Incident(id=doc["id"], account=doc["account"], opened=doc["opened"],

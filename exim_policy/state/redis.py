@@ -34,7 +34,7 @@ from ..model import (AccountState, AccountStatus, Counts, Incident, MessageEvent
                      TransitionKind)
 from .base import (AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT, AccountDetail, AccountSummary,
                    Applied, AuditEntry, StoreError, audit_action, event_from_json, event_json,
-                   evidence, incident_from_json, incident_json, incident_state, recipient_key,
+                   evidence, incident_from_json, recipient_key,
                    windows_of)
 from .memory import DAEMON
 

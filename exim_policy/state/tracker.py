@@ -78,10 +78,10 @@ class AccountTracker:
     def announce(self, made: Applied) -> None:
         """Log one transition the store made, remember it, and hand it to the notifier."""
         step, incident = made.transition, made.incident
-        if not incident.shadow and step.kind is not TransitionKind.UNLOCKED:
-            self._contained[incident.account] = step.to
-        elif step.kind is TransitionKind.UNLOCKED:
+        if step.kind is TransitionKind.UNLOCKED:
             self._contained.pop(incident.account, None)
+        elif not incident.shadow and step.to is not AccountStatus.OK:
+            self._contained[incident.account] = step.to
         self._status_cache.pop(incident.account, None)
         state = f" ({incident.state})" if step.kind is TransitionKind.OPENED else ""
         would = " (shadow mode: nothing is stopped, would be " \

@@ -37,10 +37,6 @@ class ConnectionTable:
     def __len__(self) -> int:
         return len(self._open)
 
-    @property
-    def reading(self) -> int:
-        return len(self._reading)
-
     def admit(self, conn: Sheddable) -> bool:
         """Take ``conn`` in (shedding the oldest reader when full), or False: no room."""
         if len(self._open) >= self.limit:
