@@ -177,7 +177,7 @@ class Stack:
     def start(self, say: Callable[[str], None]) -> None:
         from ..lab import Lab
         from ..lab.exim import DEFAULT_USERS, EximLab
-        from ..lab.exim import _free_port_v4_v6 as free_port_v4_v6
+        from ..lab.exim import free_port_v4_v6
         from ..lab.shim import ShimLab
 
         say("starting the DNS responder, Rspamd and the SMTP sink")

@@ -102,7 +102,7 @@ def crypt_sha512(password: str, timeout: float = 10.0) -> str:
     return out.stdout.strip()
 
 
-def _free_port_v4_v6(attempts: int = 50) -> int:
+def free_port_v4_v6(attempts: int = 50) -> int:
     """A port that is free on both 127.0.0.1 and ::1 (Exim binds both)."""
     for _ in range(attempts):
         port = free_port(LOOPBACK)
@@ -338,7 +338,7 @@ class EximLab:
         self.conf_dir.mkdir(exist_ok=True)
         os.chmod(self.conf_dir, 0o755)
         if not self.port:
-            self.port = _free_port_v4_v6() if self.ipv6 else free_port(LOOPBACK)
+            self.port = free_port_v4_v6() if self.ipv6 else free_port(LOOPBACK)
         for name in CONFIG_FILES:
             self._write(self.conf_dir / name, (source / name).read_text(encoding="utf-8"))
         if self.template is not None:

@@ -20,7 +20,7 @@ import pytest
 from e2e_helpers import EXTERNAL, USER_ADDRESS, send, start_or_fail, wait_mailbox, wait_sink
 
 from exim_policy.lab import SmtpSink
-from exim_policy.lab.exim import DEFAULT_USERS, EximLab, _free_port_v4_v6
+from exim_policy.lab.exim import DEFAULT_USERS, EximLab, free_port_v4_v6
 from exim_policy.lab.shim import ShimLab
 
 pytestmark = pytest.mark.real
@@ -59,7 +59,7 @@ def chain(e2e_dir, rspamd_running, redis_server, sink):
     def make(**kwargs):
         if not redis_server.alive():
             redis_server.start()
-        port = _free_port_v4_v6()
+        port = free_port_v4_v6()
         workdir = base / f"chain{len(started)}"
         workdir.mkdir()
         workdir.chmod(0o755)
