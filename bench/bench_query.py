@@ -76,7 +76,8 @@ def main() -> int:
             f'[server]\nlisten = ["{LOOPBACK}:{free_port()}"]\n'
             f'query_listen = ["{LOOPBACK}:{port}", "unix:{sock}"]\n'
             f'[rspamd]\nurl = "http://{LOOPBACK}:{free_port()}"\n'
-            f'[forwarding]\nmap = "{fmap}"\n[logging]\nlevel = "warning"\n')
+            f'[forwarding]\nmap = "{fmap}"\n[logging]\nlevel = "warning"\n'
+            '[quarantine]\nlisten = []\n')
         daemon = subprocess.Popen([sys.executable, "-m", "exim_policy", "serve", "--config",
                                    str(config)], stdin=subprocess.DEVNULL)
         try:

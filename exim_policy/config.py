@@ -226,6 +226,23 @@ def _redis_url(value: object) -> str:
     return value
 
 
+def _command(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v
+                                                           for v in value):
+        raise ValueError("expected a command as a list of strings, e.g. [\"/usr/sbin/exim\"]")
+    return tuple(value)
+
+
+def _release_via(value: object) -> str:
+    if value == "exim":
+        return "exim"
+    if isinstance(value, str) and value.startswith("smtp:"):
+        _smtp_address(value[5:])
+        return value
+    raise ValueError("expected \"exim\" (local submission) or \"smtp:HOST:PORT\" (a port "
+                     "the Exim ACLs do not scan, EXIM_POLICY_RELEASE_PORT)")
+
+
 def _parse(fn):
     """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises."""
     return {"parse": fn}
@@ -284,6 +301,10 @@ class RspamdConfig:
     #: keep below Exim's spamd_address tmo= (the bundled config uses 30s)
     timeout: float = field(default=8.0, metadata=_parse(_positive))
     settings_id: SettingsIds = SettingsIds()
+    #: Rspamd's controller worker (``quarantine release --learn-ham``)
+    controller_url: str = field(default="http://127.0.0.1:11334", metadata=_parse(_http_url))
+    #: its ``password`` (or ``enable_password``); "" when the controller needs none
+    controller_password: str = ""
 
 
 @dataclass(frozen=True)
@@ -420,6 +441,36 @@ class AccountsConfig:
 
 
 @dataclass(frozen=True)
+class QuarantineConfig:
+    """Held outbound spam: the receiver Exim delivers it to, the store, how to release it."""
+
+    #: the SMTP receiver for Exim's quarantine transport (EXIM_POLICY_QUARANTINE_HOSTS);
+    #: empty = no receiver (the CLI still works on the store, e.g. after ``import``)
+    listen: tuple[ListenAddress, ...] = field(
+        default=(ListenAddress(host="127.0.0.1", port=11337),), metadata=_parse(_listen_list))
+    #: the MTAs that may deliver into the quarantine (several MX hosts can share one)
+    allowed_clients: tuple = field(
+        default=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        metadata=_parse(_networks))
+    #: messages/ (one file per message) and index.db (envelope, evidence, state, audit)
+    path: str = "/var/lib/exim-policy/quarantine"
+    #: ``quarantine purge`` (and the daemon, hourly) removes entries older than this
+    retention: float = field(default=30 * 86400.0, metadata=_parse(parse_duration))
+    #: larger messages get a 552 (Exim bounces them to the sender: keep this above
+    #: EXIM_POLICY_MAX_SCAN_SIZE, a quarantined message was scanned)
+    max_message_size: int = field(default=64 * 1024 * 1024, metadata=_parse(_positive_int))
+    max_recipients: int = field(default=10000, metadata=_parse(_positive_int))
+    #: below this much free disk space the receiver answers 452 (Exim keeps the message)
+    min_free_bytes: int = field(default=256 * 1024 * 1024, metadata=_parse(_count))
+    #: "exim": ``EXIM -odi -oi -f SENDER -- RCPTS`` (not scanned: no SMTP DATA ACL runs);
+    #: "smtp:127.0.0.1:10025": an Exim port the bundled ACLs do not scan
+    release_via: str = field(default="exim", metadata=_parse(_release_via))
+    #: the Exim binary (and options such as -C) for release_via = "exim"
+    exim_command: tuple[str, ...] = field(default=("/usr/sbin/exim",),
+                                          metadata=_parse(_command))
+
+
+@dataclass(frozen=True)
 class SpamcConfig:
     """The SpamAssassin side: its ``User:`` is the name in Exim's ``spam = NAME``."""
 
@@ -443,6 +494,7 @@ class Config:
     spamc: SpamcConfig = SpamcConfig()
     logging: LoggingConfig = LoggingConfig()
     accounts: AccountsConfig = AccountsConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
 
 
 # ------------------------------------------------------------------------------- loader --

@@ -10,9 +10,11 @@ import resource
 import signal
 import time
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, format_duration
 from .forwarding.watch import MapWatcher
 from .notify import Notifier
+from .quarantine.receiver import QuarantineReceiver
+from .quarantine.store import QuarantineError, QuarantineStore
 from .scanner.rspamd import RspamdScanner
 from .service import PolicyService
 from .state import StoreError, open_store
@@ -69,11 +71,15 @@ async def run(config: Config) -> None:
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode,
                           accounts=accounts.status if accounts else None)
+    quarantine = await open_quarantine(config, accounts)
     try:
         await server.start()
         await queries.start()
+        if quarantine is not None:
+            await quarantine.start()
     except BaseException:
         await close_accounts(accounts)
+        await close_quarantine(quarantine)
         raise
 
     loop = asyncio.get_running_loop()
@@ -90,21 +96,25 @@ async def run(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload_now)
     watch = loop.create_task(watcher.run())
     upkeep = loop.create_task(accounts.run()) if accounts else None
+    purging = loop.create_task(_purge_hourly(quarantine)) if quarantine else None
     log.info("exim-policy serving on %s; queries on %s; Rspamd %s; forwarding map %s "
-             "(%d entries); accounts %s", ", ".join(str(a) for a in config.server.listen),
+             "(%d entries); accounts %s; quarantine %s",
+             ", ".join(str(a) for a in config.server.listen),
              ", ".join(str(a) for a in config.server.query_listen) or "(off)",
              config.rspamd.url, config.forwarding.map, len(watcher.current),
-             _accounts_summary(config))
+             _accounts_summary(config), _quarantine_summary(config))
     try:
         await stop.wait()
     finally:
         log.info("stopping: no new connections; finishing the requests open, arriving or "
                  "being scanned (up to %gs)", config.server.shutdown_timeout)
         watch.cancel()
-        if upkeep is not None:
-            upkeep.cancel()
+        for task in (upkeep, purging):
+            if task is not None:
+                task.cancel()
         await queries.stop()
         await server.stop()
+        await close_quarantine(quarantine)
         await close_accounts(accounts)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -140,6 +150,65 @@ async def close_accounts(accounts: AccountTracker | None) -> None:
     await accounts.store.close()
     if isinstance(accounts.notify, Notifier):
         await asyncio.to_thread(accounts.notify.close)
+
+
+async def open_quarantine(config: Config,
+                          accounts: AccountTracker | None) -> QuarantineReceiver | None:
+    """The quarantine receiver on ``[quarantine] listen`` (not yet listening), or None."""
+    if not config.quarantine.listen:
+        return None
+    try:
+        store = await asyncio.to_thread(QuarantineStore, config.quarantine.path)
+    except QuarantineError as exc:
+        # Scanning must go on (without the shim every message gets a 451). Exim keeps
+        # what it would deliver into the quarantine queued, and delivers it once a
+        # receiver answers: nothing is lost or relayed meanwhile.
+        log.error("quarantine receiver off: %s; Exim keeps outbound spam queued until it "
+                  "runs (quarantine.path)", exc)
+        return None
+    incident_of = None
+    if accounts is not None:
+        async def incident_of(account: str, at: float) -> int | None:
+            """The account's incident open at ``at`` (the receiver links a message to it)."""
+            try:
+                detail = await accounts.store.detail(account, at)
+            except StoreError:
+                return None
+            for incident in detail.incidents if detail else ():
+                if incident.opened <= at and (incident.closed is None or incident.closed >= at):
+                    return incident.id
+            return None
+    return QuarantineReceiver(config, store, incident_of)
+
+
+async def close_quarantine(quarantine: QuarantineReceiver | None) -> None:
+    if quarantine is None:
+        return
+    await quarantine.stop()
+    quarantine.store.close()
+
+
+async def _purge_hourly(quarantine: QuarantineReceiver) -> None:
+    """quarantine.retention, applied by the daemon (``quarantine purge`` does it by hand)."""
+    retention = quarantine.config.quarantine.retention
+    while True:
+        try:
+            gone = await quarantine.thread.call(quarantine.store.purge, time.time() - retention)
+        except Exception as exc:  # a disk or index problem: say so, try again next hour
+            log.error("quarantine: purge failed: %s", exc)
+        else:
+            if gone:
+                log.info("quarantine: purged %d entries older than %s", len(gone),
+                         format_duration(retention))
+        await asyncio.sleep(3600)
+
+
+def _quarantine_summary(config: Config) -> str:
+    quarantine = config.quarantine
+    if not quarantine.listen:
+        return "receiver off"
+    return (f"receiver on {', '.join(str(a) for a in quarantine.listen)} "
+            f"({quarantine.path}, release via {quarantine.release_via})")
 
 
 def _accounts_summary(config: Config) -> str:

@@ -75,6 +75,7 @@ def daemon(tmp_path, slow_rspamd):
         "rspamd": {"url": slow_rspamd, "timeout": 5.0},
         # a long poll interval: only SIGHUP can explain a quick reload
         "forwarding": {"map": str(fmap), "reload_interval": 3600.0},
+        "quarantine": {"listen": []},
     }))
     log = open(tmp_path / "daemon.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "exim_policy", "serve", "--config",

@@ -23,6 +23,7 @@ SNIPPETS = {
     "conf.d/acl/exim-policy_check_rcpt.conf": "acl_rcpt.conf",
     "conf.d/acl/35_exim-policy_check_mail": "acl_mail.conf",
     "conf.d/router/050_exim-policy_quarantine": "routers.conf",
+    "conf.d/transport/30_exim-policy_quarantine": "transports.conf",
 }
 _MARKER = re.compile(r"^# ---- exim/(\S+) ----\n", re.MULTILINE)
 _END = re.compile(r"^# ---- end of exim/(\S+) ----\n", re.MULTILINE)

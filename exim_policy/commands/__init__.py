@@ -13,6 +13,6 @@ MODULES = (
     "query",
     "test",
     "accounts",
+    "quarantine",
     "demo",
-
 )

@@ -5,7 +5,9 @@ daemon sees a change within a second. Every change is audited with who (``SUDO_U
 else the Unix user), when and why, and a lock or unlock is notified like the daemon's
 own transitions. ``show --json`` prints one object: ``account``, ``state`` (ok, throttled,
 held, locked), ``counts``, ``spam_verdicts``, ``incidents`` (``id``, ``opened``,
-``state``, ``reason``, ``evidence``...), ``audit``, ``recent``.
+``state``, ``reason``, ``evidence``...), ``audit``, ``recent``, and ``quarantined`` (the
+account's messages in the quarantine of ``[quarantine] path``, as ``quarantine list
+--json`` gives them) when there is a quarantine.
 
 Exit status: 0 done; 1 nothing to do (unknown account, nothing to unlock); 2 error.
 """
@@ -84,7 +86,7 @@ async def _run(args: argparse.Namespace, config) -> int:
             if detail is None:
                 print(f"exim-policy: {account}: no such account in the store", file=sys.stderr)
                 return 1
-            return _show(detail, config, args.json)
+            return _show(detail, config, args.json, _quarantined(config, account))
         return await _change(store, config, args.accounts_command, account, args.reason, now)
     finally:
         await store.close()
@@ -199,10 +201,28 @@ def _list(summaries, config, as_json: bool) -> int:
     return 0
 
 
-def _show(detail, config, as_json: bool) -> int:
+def _quarantined(config, account: str) -> list | None:
+    """The account's messages in the quarantine, newest first; None without one here."""
+    from ..quarantine.store import QuarantineError, QuarantineStore
+
+    try:
+        store = QuarantineStore(config.quarantine.path, create=False)
+    except QuarantineError:
+        return None
+    try:
+        return store.list(account=account)
+    finally:
+        store.close()
+
+
+def _show(detail, config, as_json: bool, quarantined: list | None = None) -> int:
     import json
 
+    from .quarantine import entry_json, print_table
+
     doc = detail_json(detail, config)
+    if quarantined is not None:
+        doc["quarantined"] = [entry_json(e) for e in quarantined]
     if as_json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -228,4 +248,6 @@ def _show(detail, config, as_json: bool) -> int:
         for row in rows:
             table.add_row(*(str(row[c]) if row[c] is not None else "-" for c in columns))
         console.print(table)
+    if quarantined:
+        print_table(quarantined, f"quarantined ({len(quarantined)})")
     return 0

@@ -103,7 +103,7 @@ def missing_prerequisites() -> list[str]:
         problems.append(f"missing Debian package(s): {' '.join(missing)} (apt-get install "
                         f"{' '.join(missing)}, or: sudo bash contrib/setup.sh)")
     if importlib.util.find_spec("aiosmtpd") is None:  # the SMTP sink
-        problems.append("missing Python package aiosmtpd: pip install -e '.[lab]'")
+        problems.append("missing Python package aiosmtpd: pip install -e .")
     from ..lab.errors import LabUnavailable
     from ..lab.exim import find_exim_dir
 

@@ -62,7 +62,7 @@ DEFAULT_USERS = ("bob", "carol", "dave", "quarantine", "postmaster")
 DEFAULT_AUTH_USERS: Mapping[str, str] = {"tester": "testpass"}
 #: the files of exim/ the lab copies; exim.conf includes the others
 CONFIG_FILES = ("exim.conf", "main.conf", "acl_mail.conf", "acl_rcpt.conf", "acl_data.conf",
-                "routers.conf")
+                "routers.conf", "transports.conf")
 LOOPBACK6 = "::1"
 #: EXIM_POLICY_QUERY when no helper is given: nothing can listen on port 0
 NO_QUERY_HELPER = f"inet:{LOOPBACK}:0"
@@ -148,14 +148,20 @@ class EximLab:
                  extra_macros: Mapping[str, str] | None = None,
                  template: str | None = None, ipv6: bool | None = None,
                  exim_dir: str | os.PathLike[str] | None = None,
-                 query_address: str | None = None) -> None:
+                 query_address: str | None = None, receiver_port: int | None = None,
+                 release_port: int | None = None) -> None:
         """``relay_hosts``: an Exim host list (``"<; ::1"``) for EXIM_POLICY_RELAY_HOSTS.
         ``aliases``: local part -> redirect data (``"fwd": "ext-fwd@example.com"``).
         ``template``: a whole configuration text to include instead of exim/exim.conf; it
         can use the same SITE_* macros (test of Rspamd's own example ACL).
         ``ipv6``: also listen on ::1 (default: if the machine has IPv6 loopback).
         ``query_address``: EXIM_POLICY_QUERY, the shim's policy helper as a readsocket
-        spec (``"inet:127.0.0.1:PORT"`` or a Unix socket path); default: ``NO_QUERY_HELPER``."""
+        spec (``"inet:127.0.0.1:PORT"`` or a Unix socket path); default: ``NO_QUERY_HELPER``.
+        ``receiver_port``: outbound spam goes to the quarantine receiver on this loopback
+        port (``ShimLab.quarantine_port``); default: the recipe without a receiver, a
+        redirect to ``quarantine@lab.test``.
+        ``release_port``: Exim also listens on this port, the unscanned one for
+        ``release_via = "smtp:..."`` (EXIM_POLICY_RELEASE_PORT)."""
         self.root = Path(workdir) / "exim"
         self.conf_dir = self.root / "conf"
         self.config_path = self.conf_dir / "lab.conf"
@@ -177,6 +183,8 @@ class EximLab:
         self.ipv6 = ipv6_loopback_available() if ipv6 is None else ipv6
         self.exim_dir = Path(exim_dir) if exim_dir is not None else None
         self.query_address = query_address or NO_QUERY_HELPER
+        self.receiver_port = receiver_port
+        self.release_port = release_port
         self.port = 0
         self.process: ManagedProcess | None = None
         for name in (*self.local_users, *self.aliases):
@@ -273,7 +281,8 @@ class EximLab:
             "SITE_HOSTNAME": HOSTNAME,
             "SITE_DOMAINS": DOMAIN,
             "SITE_QUALIFY_DOMAIN": DOMAIN,
-            "SITE_PORTS": str(self.port),
+            "SITE_PORTS": str(self.port) + (f" : {self.release_port}" if self.release_port
+                                             else ""),
             "SITE_INTERFACES": interfaces,
             "SITE_SPOOL": str(self.spool_dir),
             "SITE_LOG_PATH": f"{self.log_dir}/%slog",
@@ -289,6 +298,9 @@ class EximLab:
             "SITE_SMARTHOST": LOOPBACK,
             "SITE_RELAY_PORT": str(self.sink_port),
             "EXIM_POLICY_SPAMD": spamd,
+            "EXIM_POLICY_RECEIVER_HOSTS": LOOPBACK if self.receiver_port else "",
+            "EXIM_POLICY_RECEIVER_PORT": str(self.receiver_port or 0),
+            "EXIM_POLICY_RELEASE_PORT": str(self.release_port or 0),
             "EXIM_POLICY_QUARANTINE": QUARANTINE,
             "EXIM_POLICY_RELAY_HOSTS": self.relay_hosts,
             "EXIM_POLICY_QUERY": self.query_address,

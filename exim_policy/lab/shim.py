@@ -44,8 +44,11 @@ class ShimLab:
                  forwarding: Iterable[str] = (), relay_networks: Iterable[str] = (),
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
-                 log_level: str = "info", server: Mapping[str, object] | None = None) -> None:
-        """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own."""
+                 log_level: str = "info", server: Mapping[str, object] | None = None,
+                 quarantine: Mapping[str, object] | None = None) -> None:
+        """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own.
+        ``quarantine``: run the quarantine receiver (on :attr:`quarantine_port`, its store
+        in :attr:`quarantine_path`), with these ``[quarantine]`` keys over the lab's."""
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -55,6 +58,8 @@ class ShimLab:
         self.map_path = self.dir / "forwardings.txt"
         self.log_path = self.dir / "shim.log"
         self.proc: subprocess.Popen | None = None
+        self.quarantine_port = free_port() if quarantine is not None else None
+        self.quarantine_path = self.dir / "quarantine"
         sections: dict[str, dict[str, object]] = {
             "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
                        "query_listen": [f"{LOOPBACK}:{self.query_port}"], **(server or {})},
@@ -62,6 +67,9 @@ class ShimLab:
             "outbound": {"relay_networks": list(relay_networks)},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
             "logging": {"level": log_level},
+            "quarantine": {"listen": [f"{LOOPBACK}:{self.quarantine_port}"],
+                           "path": str(self.quarantine_path), **quarantine}
+            if quarantine is not None else {"listen": []},
         }
         if failure:
             sections["failure"] = dict(failure)
@@ -102,7 +110,10 @@ class ShimLab:
         finally:
             log.close()
         try:
-            wait_tcp(LOOPBACK, self.port, time.monotonic() + timeout, alive=self.alive)
+            deadline = time.monotonic() + timeout
+            wait_tcp(LOOPBACK, self.port, deadline, alive=self.alive)
+            if self.quarantine_port is not None:
+                wait_tcp(LOOPBACK, self.quarantine_port, deadline, alive=self.alive)
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
             raise RuntimeError(f"shim did not start: {exc}\n{self.log_tail()}") from None

@@ -73,7 +73,7 @@ class SmtpSink:
         try:
             from aiosmtpd.controller import Controller
         except ImportError:
-            raise LabUnavailable("aiosmtpd missing: pip install -e '.[lab]' "
+            raise LabUnavailable("aiosmtpd missing: pip install -e . "
                                  "(or the Debian package python3-aiosmtpd)") from None
         self.directory.mkdir(parents=True, exist_ok=True)
         last: Exception | None = None

@@ -26,6 +26,27 @@ AUTH = ("tester", "testpass")
 INBOUND_SENDER = "alice@example.org"
 
 
+#: the main section of a lab site configuration (EximLab ``template=``), on the SITE_*
+#: macros EximLab defines: loopback, the lab's spool and logs, no DNS at all
+LAB_MAIN = """\
+primary_hostname = SITE_HOSTNAME
+qualify_domain = SITE_QUALIFY_DOMAIN
+domainlist local_domains = SITE_DOMAINS
+daemon_smtp_ports = SITE_PORTS
+local_interfaces = SITE_INTERFACES
+spool_directory = SITE_SPOOL
+log_file_path = SITE_LOG_PATH
+pid_file_path = SITE_PID
+keep_environment =
+never_users = root
+host_lookup =
+host_lookup_order =
+rfc1413_hosts =
+rfc1413_query_timeout = 0s
+log_selector = -host_lookup_failed
+"""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the SMTP client saw at the end of DATA (or earlier, if a command failed)."""

@@ -75,7 +75,7 @@ def test_exim_conf_passes_bV_with_its_defaults(private_dir):
     assert option("spamd_address") == "spamd_address = 127.0.0.1 11335 variant=rspamd tmo=30s"
     assert option("acl_smtp_data") == "acl_smtp_data = acl_check_data"
     routers = option("router_list").split()  # -bP router_list: one name per line
-    assert routers[0] == "exim_policy_quarantine", routers
+    assert routers[:2] == ["exim_policy_quarantine_receiver", "exim_policy_quarantine"], routers
 
 
 def test_lab_finds_the_repository_exim_dir():
@@ -126,8 +126,9 @@ def _bh(conf: Path, ip: str, rcpt: str, body: str) -> subprocess.CompletedProces
 
 
 def test_debian_split_config_with_the_snippets_scans_and_quarantines(private_dir, canned):
-    """update-exim4.conf builds /etc/exim4's split config plus the three snippets; the
-    result passes -bV, runs the quarantine router first and handles the verdicts."""
+    """update-exim4.conf builds /etc/exim4's split config plus the snippets; the result
+    passes -bV, runs the quarantine routers first, has the receiver's transport and
+    handles the verdicts."""
     _exim_available()
     # the test's own site macros: the shim address, a relay host
     output = build_debian_config(
@@ -139,7 +140,11 @@ def test_debian_split_config_with_the_snippets_scans_and_quarantines(private_dir
     assert checked.returncode == 0, checked.stdout + checked.stderr
     routers = subprocess.run(["exim", "-C", str(output), "-bP", "router_list"],
                              capture_output=True, text=True, timeout=30).stdout
-    assert routers.split()[0] == "exim_policy_quarantine", routers
+    assert routers.split()[:2] == ["exim_policy_quarantine_receiver",
+                                   "exim_policy_quarantine"], routers
+    transports = subprocess.run(["exim", "-C", str(output), "-bP", "transport_list"],
+                                capture_output=True, text=True, timeout=30).stdout
+    assert "exim_policy_quarantine_smtp" in transports.split(), transports
 
     inbound = _bh(output, "127.0.0.1", "postmaster@localhost", GTUBE_LINE)
     assert "550 5.7.1 Gtube pattern" in inbound.stdout, inbound.stdout + inbound.stderr

@@ -2,9 +2,10 @@
 deliveries to Maildirs and to the SMTP sink.  One test per behaviour the issue names."""
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
-from pathlib import Path
 
 import messages
 import pytest
@@ -14,7 +15,6 @@ from e2e_helpers import (AUTH, EXTERNAL, EXTERNAL2, FORWARD_TARGET, FORWARDER, L
 
 pytestmark = pytest.mark.real
 
-RELEASE_SCRIPT = Path(__file__).resolve().parents[2] / "exim" / "release-quarantined.sh"
 
 
 def _settle(stack, outcome) -> None:
@@ -83,7 +83,7 @@ def test_spam_from_a_relay_host_is_outbound_and_quarantined(stack):
     _settle(stack, outcome)
     assert in_sink(stack.sink, mid) == []
     assert quarantined["X-Exim-Policy-Recipients"] == EXTERNAL
-    assert "host=::1" in quarantined["X-Exim-Policy-Quarantine"]
+    assert "ip=::1" in quarantined["X-Exim-Policy-Quarantine"]
     assert "relay network" in stack.shim.log_text()
     # the non-relay source is still inbound: 550
     again = send(stack.exim, messages.gtube(to=LOCAL), [LOCAL], host="127.0.0.1")
@@ -264,9 +264,22 @@ def test_outbound_add_header_mail_is_relayed_unmarked(stack):
     assert b"X-Spam-Flag" not in relayed.data
 
 
-def test_a_quarantined_message_can_be_released_to_its_original_recipients(stack):
-    """exim/release-quarantined.sh: re-submits a quarantined copy locally (not over SMTP,
-    so not scanned again) to the recipients in X-Exim-Policy-Recipients."""
+def quarantine_cli(stack, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``exim-policy quarantine ARGS`` on a store under ``tmp_path``, releasing through
+    the lab's Exim (local submission)."""
+    config = tmp_path / "quarantine.toml"
+    if not config.exists():
+        config.write_text(f'[quarantine]\nlisten = []\npath = "{tmp_path / "store"}"\n'
+                          f'exim_command = ["exim", "-C", "{stack.exim.config_path}"]\n')
+    return subprocess.run([sys.executable, "-m", "exim_policy", "quarantine", args[0],
+                           "--config", str(config), *args[1:]],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_quarantined_message_can_be_imported_and_released_once(stack, tmp_path):
+    """The recipe without a receiver: ``quarantine import`` reads the quarantine Maildir
+    (recipients from X-Exim-Policy-Recipients), ``release`` re-submits it locally (not
+    over SMTP, so not scanned again) to exactly those recipients, once."""
     mid = messages.new_message_id()
     rcpts = [EXTERNAL, EXTERNAL2]
     outcome = send(stack.exim, messages.gtube(to=EXTERNAL, from_addr=USER_ADDRESS,
@@ -278,20 +291,29 @@ def test_a_quarantined_message_can_be_released_to_its_original_recipients(stack)
     [path] = [p for p in stack.exim.maildir_files("quarantine")
               if f"<{mid}>".encode() in p.read_bytes()]
     assert in_sink(stack.sink, mid) == []
-    result = subprocess.run(["sh", str(RELEASE_SCRIPT), "-C", str(stack.exim.config_path),
-                             str(path)], capture_output=True, text=True, timeout=60)
+    imported = quarantine_cli(stack, tmp_path, "import", str(path))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    entry_id = imported.stdout.split(" imported as ")[1].split()[0]
+    shown = json.loads(quarantine_cli(stack, tmp_path, "show", entry_id, "--json").stdout)
+    assert sorted(r["address"] for r in shown["recipients"]) == sorted(rcpts)
+    assert shown["evidence"]["account"] == "tester"
+    assert shown["evidence"]["queue_id"] == outcome.queue_id
+    result = quarantine_cli(stack, tmp_path, "release", entry_id, "--reason", "test")
     assert result.returncode == 0, result.stdout + result.stderr
     relayed = wait_sink(stack.sink, mid)
     assert sorted(relayed.rcpt_tos) == sorted(rcpts)
     assert relayed.mail_from == USER_ADDRESS
     assert b"X-Exim-Policy" not in relayed.data and b"Envelope-to" not in relayed.data
     assert b"Subject: GTUBE reject test" in relayed.data
+    again = quarantine_cli(stack, tmp_path, "release", entry_id, "--reason", "test")
+    assert again.returncode == 1 and "already released" in again.stderr
+    time.sleep(0.5)
+    assert len(in_sink(stack.sink, mid)) == 1
 
 
-def test_release_refuses_a_message_that_was_not_quarantined(stack, tmp_path):
+def test_import_refuses_a_message_that_was_not_quarantined(stack, tmp_path):
     plain = tmp_path / "plain.eml"
     plain.write_bytes(messages.ham().replace(b"\r\n", b"\n"))
-    result = subprocess.run(["sh", str(RELEASE_SCRIPT), "-C", str(stack.exim.config_path),
-                             str(plain)], capture_output=True, text=True, timeout=60)
+    result = quarantine_cli(stack, tmp_path, "import", str(plain))
     assert result.returncode == 1
     assert "no X-Exim-Policy-Recipients" in result.stderr

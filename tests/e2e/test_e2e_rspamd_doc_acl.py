@@ -14,8 +14,8 @@ from pathlib import Path
 
 import messages
 import pytest
-from e2e_helpers import (AUTH, EXTERNAL, LOCAL, USER_ADDRESS, in_sink, send, start_or_fail,
-                         wait_sink)
+from e2e_helpers import (AUTH, EXTERNAL, LAB_MAIN, LOCAL, USER_ADDRESS, in_sink, send,
+                         start_or_fail, wait_sink)
 
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
@@ -62,21 +62,7 @@ DOC_SPAMD_LINE = "spamd_address = 127.0.0.1 11333 variant=rspamd"
 
 LAB_HEAD = """\
 # lab glue (main section), using the SITE_* macros EximLab defines
-primary_hostname = SITE_HOSTNAME
-qualify_domain = SITE_QUALIFY_DOMAIN
-domainlist local_domains = SITE_DOMAINS
-daemon_smtp_ports = SITE_PORTS
-local_interfaces = SITE_INTERFACES
-spool_directory = SITE_SPOOL
-log_file_path = SITE_LOG_PATH
-pid_file_path = SITE_PID
-keep_environment =
-never_users = root
-host_lookup =
-host_lookup_order =
-rfc1413_hosts =
-rfc1413_query_timeout = 0s
-log_selector = -host_lookup_failed
+""" + LAB_MAIN + """\
 auth_advertise_hosts = *
 tls_advertise_hosts =
 # loopback lab only: every recipient is accepted ("accept" is an in-line ACL)
