@@ -189,7 +189,8 @@ class Stack:
                                         domain=DOMAIN, port=exim_port)
         self.shim = ShimLab(self.workdir, rspamd_url=self.lab.rspamd.url,
                             forwarding=(FORWARDER,), relay_networks=(f"{RELAY_HOST}/128",),
-                            extra_toml=accounts)
+                            extra_toml=accounts, quarantine={"exim_command": [
+                                "exim", "-C", str(self.workdir / "exim" / "conf" / "lab.conf")]})
         self.shim.start()
         say("starting Exim with exim/exim.conf")
         # with the policy helper: acl_rcpt.conf keeps local and forwarding recipients in
@@ -200,7 +201,8 @@ class Stack:
                             aliases={"fwd": FORWARD_TARGET}, ipv6=True,
                             query_address=self.shim.query_address,
                             local_users=(*DEFAULT_USERS, "abuse"),
-                            auth_users=dict([USER, MALLORY, WALTER]))
+                            auth_users=dict([USER, MALLORY, WALTER]),
+                            receiver_port=self.shim.quarantine_port)
         self.exim.port = exim_port
         self.exim.start()
 
@@ -309,19 +311,28 @@ def deliver_split(stack: Stack, message: tuple[str, bytes], rcpts: Sequence[str]
 
 
 def locate(stack: Stack, message_id: str) -> tuple[str, ...]:
-    """Where copies of the message are: mailboxes and the sink (with its recipients)."""
+    """Where copies of the message are: mailboxes, the quarantine and the sink (with the
+    recipients of each)."""
     places = []
     parser = email.parser.BytesHeaderParser(policy=email.policy.default)
-    for user in ("bob", "carol", "quarantine", "abuse"):
+    for user in ("bob", "carol", "abuse"):
         for path in stack.exim.maildir_files(user):
             headers = parser.parsebytes(path.read_bytes())
             if (headers.get("Message-ID") or "").strip("<> ") == message_id:
                 note = ""
                 if headers.get("X-Spam-Flag"):
                     note = " (X-Spam-Flag)"
-                if headers.get("X-Exim-Policy-Recipients"):
-                    note = f" (for {' '.join(str(headers['X-Exim-Policy-Recipients']).split())})"
                 places.append(f"mailbox {user}{note}")
+    from ..quarantine.store import QuarantineStore
+
+    store = QuarantineStore(stack.shim.quarantine_path, create=False)
+    try:
+        for entry in store.list():
+            if entry.message_id.strip("<> ") == message_id:
+                places.append("quarantine (for "
+                              + " ".join(r.address for r in entry.recipients) + ")")
+    finally:
+        store.close()
     for msg in stack.lab.sink.messages:
         if f"<{message_id}>".encode() in msg.data:
             places.append("sink: " + ", ".join(msg.rcpt_tos))
@@ -422,6 +433,40 @@ def _locked(stack: Stack) -> Outcome:
                    locate(stack, msg[0]) + (f"notice: {notices[-1]}",) if notices else ())
 
 
+def _released(stack: Stack) -> Outcome:
+    """Quarantined, then a human releases it (``exim-policy quarantine release``): it goes
+    out once, to its original recipients, unscanned; a second release sends nothing."""
+    import json
+    import subprocess
+
+    # from the relay host: an account of its own (tester's spam verdicts would add up to
+    # the incident a later scenario expects)
+    message_id, data = gtube(EXTERNAL)
+    deliver(stack, (message_id, data), [EXTERNAL], host=RELAY_HOST)
+
+    def quarantine(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "exim_policy", "quarantine", args[0],
+                               "--config", str(stack.shim.config_path), *args[1:]],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = json.loads(quarantine("list", "--json").stdout or "[]")
+    ids = [e["id"] for e in listed if e["message_id"].strip("<> ") == message_id]
+    if not ids:
+        return Outcome("not in the quarantine", 0, locate(stack, message_id))
+    first = quarantine("release", ids[0], "--reason", "the customer confirmed it")
+    second = quarantine("release", ids[0], "--reason", "again")
+    deadline = time.monotonic() + 15
+    while not any(f"<{message_id}>".encode() in m.data for m in stack.lab.sink.messages) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    again = "again: sent nothing" if "already released" in second.stderr else \
+        f"again: {second.stdout.strip()} {second.stderr.strip()}"
+    return Outcome(f"release: {first.stdout.strip() or first.stderr.strip()}; {again}",
+                   250 if first.returncode == 0 else first.returncode,
+                   locate(stack, message_id))
+
+
 def _unlocked(stack: Stack) -> Outcome:
     """A human ends the incident; mallory's next ham is relayed."""
     import subprocess
@@ -449,7 +494,7 @@ def _too_fast(stack: Stack) -> Outcome:
 
 
 def scenarios() -> list[Scenario]:
-    q_ext = f"mailbox quarantine (for {EXTERNAL})"
+    q_ext = f"quarantine (for {EXTERNAL})"
     opened = "notice: [exim-policy] incident 1 opened: account mallory is held"
     return [
         Scenario("inbound ham", "delivered to bob", 250, ("mailbox bob",),
@@ -460,6 +505,8 @@ def scenarios() -> list[Scenario]:
                  250, (q_ext,),
                  lambda s: deliver(s, gtube(EXTERNAL, USER_ADDRESS), [EXTERNAL],
                                    sender=USER_ADDRESS, auth=True)),
+        Scenario("quarantined GTUBE released by a human", "sent once, to its recipient",
+                 250, (q_ext, f"sink: {EXTERNAL}"), _released),
         Scenario(f"GTUBE from relay host {RELAY_HOST} (unauthenticated)",
                  "outbound: quarantined", 250, (q_ext,),
                  lambda s: deliver(s, gtube(EXTERNAL), [EXTERNAL], host=RELAY_HOST)),
