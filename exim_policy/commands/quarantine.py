@@ -162,7 +162,7 @@ def _show(store, config, args) -> int:
 
 
 def _release(store, config, args) -> int:
-    from ..quarantine.release import learn_ham, release
+    from ..quarantine.release import ReleaseFailed, learn_ham, release
     from ..quarantine.store import HELD, QuarantineError
 
     who = _who()
@@ -187,7 +187,7 @@ def _release(store, config, args) -> int:
                            force=args.force)
         except QuarantineError as exc:
             print(f"exim-policy: {exc}", file=sys.stderr)
-            status = max(status, 2 if "failed" in str(exc) else 1)
+            status = max(status, 2 if isinstance(exc, ReleaseFailed) else 1)
             continue
         line = f"{entry_id}: released to {len(done.sent_to)}: {', '.join(done.sent_to)}"
         if done.refused:

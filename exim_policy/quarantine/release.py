@@ -27,6 +27,10 @@ CHUNK = 256 * 1024
 STDERR_KEPT = 2000
 
 
+class ReleaseFailed(QuarantineError):
+    """The release path did not take the message (it stays held)."""
+
+
 @dataclass(frozen=True)
 class Released:
     entry: Entry
@@ -51,7 +55,7 @@ def release(store: QuarantineStore, entry_id: str, config: Config, *, who: str, 
             results = _via_smtp(path, entry.sender, recipients, via[len("smtp:"):])
     except (OSError, smtplib.SMTPException, QuarantineError) as exc:
         store.abandon(entry.id, who, f"release via {via} failed: {exc}")
-        raise QuarantineError(f"{entry.id}: release via {via} failed: {exc}; still held") \
+        raise ReleaseFailed(f"{entry.id}: release via {via} failed: {exc}; still held") \
             from None
     done = store.finish(entry.id, who, reason, via, results)
     return Released(done, tuple(a for a, (ok, _) in results.items() if ok),
