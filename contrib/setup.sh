@@ -6,7 +6,11 @@
 #     exits 101 keeps the packages' daemons (exim on *:25, rspamd, redis) from starting,
 #     unless the image already has one;
 #  2. creates .venv in the repo and installs the project with its test extras, skipping the
-#     install when .venv already holds it for the current pyproject.toml (hash stamp).
+#     install when .venv already holds it for the current pyproject.toml (hash stamp);
+#  3. installs the other MTAs the HTTP front is tested with, outside the system's package
+#     set: Haraka from npm (contrib/setup-haraka.sh) and Postfix unpacked from its Debian
+#     package beside Exim (contrib/setup-postfix.sh). Both keep stamps and work offline
+#     once done: the tests run with no network at all.
 #
 # Must run as root (the tests start rspamd and exim as their service users).
 # Environment: PYTHON (default python3) creates the venv.
@@ -92,5 +96,9 @@ else
   echo "$want" > "$STAMP"
   pip_summary="project: installed with [test] extras"
 fi
+
+# ----------------------------------------------------------- Haraka, Postfix --
+bash "$REPO/contrib/setup-haraka.sh"
+bash "$REPO/contrib/setup-postfix.sh"
 
 echo "setup.sh: ok -- $apt_summary; $venv_summary ($("$VENV/bin/python" -V 2>&1)); $pip_summary"

@@ -258,6 +258,9 @@ class ServerConfig:
         metadata=_parse(_networks))
     #: the one-line policy-helper protocol for ${readsocket}; empty = off
     query_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
+    #: Rspamd's own HTTP protocol (/checkv2, /ping) for Haraka, rspamc and rspamd_proxy
+    #: (Postfix, Sendmail); empty = off
+    http_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
     #: "auto" uses uvloop when it is installed (much less CPU per message), else asyncio's
     event_loop: str = field(default="auto", metadata=_parse(_event_loop))
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
@@ -480,6 +483,17 @@ class SpamcConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP front's answers where its clients differ from Exim."""
+
+    #: outbound spam to a client without a quarantine (Haraka, rspamc): "reject" (550) or
+    #: "soft reject" (451: the sender's client keeps it and retries). rspamd_proxy is told
+    #: to put it in the MTA's hold queue instead (milter quarantine).
+    outbound_spam: str = field(default="reject",
+                               metadata=_parse(_choice("reject", "soft reject")))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(default="info", metadata=_parse(_log_level))
 
@@ -492,6 +506,7 @@ class Config:
     forwarding: ForwardingConfig = ForwardingConfig()
     failure: FailureConfig = FailureConfig()
     spamc: SpamcConfig = SpamcConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     accounts: AccountsConfig = AccountsConfig()
     quarantine: QuarantineConfig = QuarantineConfig()

@@ -21,6 +21,7 @@ from .state import StoreError, open_store
 from .state.tracker import AccountTracker
 from .transport.helper import QueryServer
 from .transport.limits import Limits
+from .transport.http import HttpServer
 from .transport.spamd import SpamdServer
 
 log = logging.getLogger("exim_policy")
@@ -68,12 +69,14 @@ async def run(config: Config) -> None:
     service = PolicyService(config, scanner, forwards, accounts)
     limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
     server = SpamdServer(config.server, service.handle, limits)
+    http = HttpServer(config.server, service.handle_http, limits)
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode,
                           accounts=accounts.status if accounts else None)
     quarantine = await open_quarantine(config, accounts)
     try:
         await server.start()
+        await http.start()
         await queries.start()
         if quarantine is not None:
             await quarantine.start()
@@ -97,9 +100,10 @@ async def run(config: Config) -> None:
     watch = loop.create_task(watcher.run())
     upkeep = loop.create_task(accounts.run()) if accounts else None
     purging = loop.create_task(_purge_hourly(quarantine)) if quarantine else None
-    log.info("exim-policy serving on %s; queries on %s; Rspamd %s; forwarding map %s "
-             "(%d entries); accounts %s; quarantine %s",
+    log.info("exim-policy serving on %s; HTTP on %s; queries on %s; Rspamd %s; forwarding "
+             "map %s (%d entries); accounts %s; quarantine %s",
              ", ".join(str(a) for a in config.server.listen),
+             ", ".join(str(a) for a in config.server.http_listen) or "(off)",
              ", ".join(str(a) for a in config.server.query_listen) or "(off)",
              config.rspamd.url, config.forwarding.map, len(watcher.current),
              _accounts_summary(config), _quarantine_summary(config))
@@ -113,7 +117,7 @@ async def run(config: Config) -> None:
             if task is not None:
                 task.cancel()
         await queries.stop()
-        await server.stop()
+        await asyncio.gather(server.stop(), http.stop())  # one grace period for both
         await close_quarantine(quarantine)
         await close_accounts(accounts)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

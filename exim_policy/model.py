@@ -69,7 +69,8 @@ class Request:
 class ProtocolError:
     """A request that cannot be served; the codec's reply for it is an error line + close."""
 
-    code: int  # sysexits code, 76 = EX_PROTOCOL
+    #: sysexits code for the spamd protocols (76 = EX_PROTOCOL), HTTP status for ``/checkv2``
+    code: int
     text: str
 
 
@@ -88,6 +89,9 @@ class Envelope:
     hostname: str | None = None
     user: str | None = None
     queue_id: str | None = None
+    #: further request headers for Rspamd, as (name, value), from an HTTP client
+    #: (``MTA-Name``, ``Deliver-To``, ...: protocol/checkv2.py PASSTHROUGH_HEADERS)
+    passthrough: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,9 @@ class ScanResult:
     is_skipped: bool = False
     #: milter header edits Rspamd asked for, kept for the ``test`` command and PROCESS
     add_headers: tuple[tuple[str, str], ...] = ()
+    #: Rspamd's whole JSON reply, passed on unchanged to HTTP clients where the shim keeps
+    #: the verdict (None: not from JSON); never changed once parsed
+    raw: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

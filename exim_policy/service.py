@@ -15,7 +15,7 @@ from typing import Callable
 from .config import Config
 from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped
 from .policy import account_of, classify, decide, must_scan
-from .protocol import rspamc, spamc
+from .protocol import checkv2, rspamc, spamc
 from .protocol.mbox import strip_mbox_from_line, subject_of
 from .protocol.text import printable
 from .scanner import Scanner, ScannerError
@@ -123,6 +123,22 @@ class PolicyService:
         if request.protocol == "spamc":
             return spamc.build_reply(request, decision)
         return rspamc.build_reply(decision)
+
+
+    async def handle_http(self, request: Request) -> checkv2.Reply:
+        """The reply to a ``/checkv2`` or ``/ping`` request (the HTTP front). A deferred
+        decision (``failure.* = "defer"``) is a 503 with Rspamd's error shape: the client
+        applies its own scanner-failure setting (Haraka ``[defer] error``, Postfix
+        ``milter_default_action``)."""
+        if request.command == "PING":
+            return checkv2.PONG_REPLY
+        evaluation = await self.evaluate(checkv2.envelope(request), request.body)
+        log_decision(request, evaluation)
+        decision = evaluation.decision
+        if decision.defer:
+            return checkv2.error_reply(503, decision.reason)
+        return checkv2.build_reply(decision, milter=checkv2.from_milter(request),
+                                   outbound_spam=self.config.http.outbound_spam)
 
 
 def log_decision(request: Request, evaluation: Evaluation) -> None:

@@ -212,3 +212,14 @@ class ManagedProcess:
     def __repr__(self) -> str:
         state = "alive" if self.alive() else "stopped"
         return f"<ManagedProcess {self.name} pid={self.pid} {state}>"
+
+
+def log_tail_since(path: str | os.PathLike[str], offset: int, lines: int = 30) -> str:
+    """The last ``lines`` lines a log file got after byte ``offset`` ("" if it is absent):
+    what a daemon said during the start that failed, not in earlier runs."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return "\n".join(fh.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

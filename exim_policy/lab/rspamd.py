@@ -21,6 +21,16 @@ way Debian's systemd unit runs it (Rspamd refuses to run workers as root).  ``st
 for ``GET /ping`` to answer "pong" and fails early, with the log tail, if the process dies.
 ``rspamadm`` is never run: it builds its resolver from /etc/resolv.conf and would send DNS
 queries off the machine.
+
+``RspamdProxyLab(workdir, dns_port=N, upstream="127.0.0.1:PORT")`` is a proxy-only instance
+under ``<workdir>/rspamd-proxy/`` (so it runs beside an ``RspamdLab`` in the same workdir):
+only the ``rspamd_proxy`` worker, in milter mode, on a free port (``proxy_port``), passing
+every message to ``upstream`` over HTTP -- the role Postfix's milter plays in front of the
+shim.  Its worker config is contrib/postfix/worker-proxy.inc with the two addresses
+substituted, installed in ``override.d``: Debian's own worker-proxy.inc has
+``upstream "local" { hosts = "localhost"; }`` and ``local.d`` *merges*, which would keep
+localhost (= 127.0.0.1:11333, whatever listens there) as a second upstream.  The milter port
+answers ``GET /ping``, so readiness is checked the same way.
 """
 from __future__ import annotations
 
@@ -36,9 +46,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..forwarding.writer import atomic_write
+from .contrib import read_contrib, substitute_setting
 from .errors import LabError, LabUnavailable
 from .ports import LOOPBACK, free_port
-from .process import ManagedProcess
+from .process import ManagedProcess, log_tail_since
 
 RSPAMD_USER = "_rspamd"
 RSPAMD_BINARY = "rspamd"
@@ -122,13 +133,16 @@ def _http_get(url: str, timeout: float) -> bytes:
 class RspamdLab:
     """One private Rspamd; see the module docstring.  Not thread-safe; start from one thread."""
 
+    #: the directory under ``workdir`` this instance lives in
+    SUBDIR = "rspamd"
+
     def __init__(self, workdir: str | os.PathLike[str], *, dns_port: int,
                  extra_local_d: Mapping[str, str] | None = None,
                  maps: Mapping[str, str] | None = None,
                  hs_cache_dir: str | os.PathLike[str] | None = None,
                  start_timeout: float | None = None,
                  source_confdir: str | os.PathLike[str] = SOURCE_CONFDIR) -> None:
-        self.root = Path(workdir) / "rspamd"
+        self.root = Path(workdir) / self.SUBDIR
         self.etc_dir = self.root / "etc"
         self.maps_dir = self.root / "maps"
         self.db_dir = self.root / "db"
@@ -164,10 +178,15 @@ class RspamdLab:
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()
 
+    @property
+    def ping_url(self) -> str:
+        """The URL whose "pong" means the instance is ready (the normal worker's ``/ping``)."""
+        return self.url + "/ping"
+
     def ping(self, timeout: float = 1.0) -> bool:
-        """True if the normal worker answers ``/ping`` with "pong" right now."""
+        """True if ``ping_url`` answers "pong" right now."""
         try:
-            return _http_get(self.url + "/ping", timeout).strip() == b"pong"
+            return _http_get(self.ping_url, timeout).strip() == b"pong"
         except (OSError, urllib.error.URLError):
             return False
 
@@ -188,6 +207,22 @@ class RspamdLab:
             self.controller_port = free_port(self.host)
 
     def _local_d(self) -> dict[str, str]:
+        files = self._base_local_d()
+        files.update({
+            "worker-normal.inc": f'bind_socket = "{self.host}:{self.port}";\ncount = 1;\n',
+            "worker-controller.inc": f'bind_socket = "{self.host}:{self.controller_port}";\n',
+            # the stock proxy would bind localhost:11332; off, and on a free port just in case
+            "worker-proxy.inc": f'enabled = false;\nbind_socket = "{self.host}:{free_port()}";\n',
+        })
+        files.update(self.extra_local_d)
+        return files
+
+    def _override_d(self) -> dict[str, str]:
+        """Files for ``etc/override.d`` (they replace, rather than merge into, the stock ones)."""
+        return {}
+
+    def _base_local_d(self) -> dict[str, str]:
+        """local.d files every lab instance needs: offline DNS, test patterns, logging."""
         files = {
             "options.inc": (
                 "# the lab's NXDOMAIN responder is the only name server: nothing leaves the host\n"
@@ -200,16 +235,11 @@ class RspamdLab:
                 "enable_test_patterns = true;\n"
                 "# shared, persistent hyperscan cache: warm start ~0.5 s instead of ~9 s\n"
                 f'hs_cache_dir = "{self.hs_cache_dir}/";\n'),
-            "worker-normal.inc": f'bind_socket = "{self.host}:{self.port}";\ncount = 1;\n',
-            "worker-controller.inc": f'bind_socket = "{self.host}:{self.controller_port}";\n',
-            # the stock proxy would bind localhost:11332; off, and on a free port just in case
-            "worker-proxy.inc": f'enabled = false;\nbind_socket = "{self.host}:{free_port()}";\n',
             "logging.inc": 'type = "file";\nfilename = "$LOGDIR/rspamd.log";\nlevel = "info";\n',
             "multimap.conf": TEST_SPAM_HEADER_RULE,
         }
         for module in NETWORK_MODULES:
             files[f"{module}.conf"] = "enabled = false;\n"
-        files.update(self.extra_local_d)
         return files
 
     def _prepare(self) -> None:
@@ -225,6 +255,10 @@ class RspamdLab:
         local_d.mkdir(exist_ok=True)
         for name, text in self._local_d().items():
             (local_d / name).write_text(text, encoding="utf-8")
+        override_d = self.etc_dir / "override.d"
+        override_d.mkdir(exist_ok=True)
+        for name, text in self._override_d().items():
+            (override_d / name).write_text(text, encoding="utf-8")
         self.maps_dir.mkdir(exist_ok=True)
         os.chmod(self.maps_dir, 0o755)
         for name, text in self.maps.items():
@@ -312,14 +346,10 @@ class RspamdLab:
             time.sleep(0.05)
         died = not self.process.alive()
         self.process.stop(5.0)
-        new_log = ""
-        if self.log_path.exists():
-            with open(self.log_path, "rb") as fh:
-                fh.seek(log_offset)
-                new_log = "\n".join(fh.read().decode("utf-8", "replace").splitlines()[-30:])
+        new_log = log_tail_since(self.log_path, log_offset)
         why = (f"exited with status {self.process.returncode}" if died
                else f"did not answer /ping within {self.start_timeout:.0f}s")
-        return (f"rspamd {why} (normal worker {self.url}); log {self.log_path}:\n"
+        return (f"rspamd {why} ({self.ping_url}); log {self.log_path}:\n"
                 f"{new_log}\n{self.process.tail(15)}").rstrip()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -334,3 +364,74 @@ class RspamdLab:
 
     def __repr__(self) -> str:
         return f"<RspamdLab {self.url} {'alive' if self.alive() else 'stopped'}>"
+
+
+def render_worker_proxy(template: str, *, bind: str, upstream: str) -> str:
+    """contrib/postfix/worker-proxy.inc with its ``bind_socket`` and upstream ``hosts`` replaced."""
+    text = substitute_setting(template, r'bind_socket\s*=\s*"[^"]*";', f'bind_socket = "{bind}";',
+                              what="worker-proxy.inc bind_socket")
+    return substitute_setting(text, r'hosts\s*=\s*"[^"]*";', f'hosts = "{upstream}";',
+                              what="worker-proxy.inc upstream hosts")
+
+
+class RspamdProxyLab(RspamdLab):
+    """A proxy-only Rspamd in milter mode whose upstream is any /checkv2 HTTP server.
+
+    See the module docstring.  ``proxy_port`` is the milter port (Postfix's
+    ``smtpd_milters = inet:127.0.0.1:<proxy_port>``); ``upstream`` is ``host:port``.
+    ``worker_proxy`` replaces the contrib/postfix/worker-proxy.inc template (its
+    ``bind_socket`` and ``hosts`` lines are still substituted).
+    """
+
+    SUBDIR = "rspamd-proxy"
+    #: the admin's file this instance runs
+    CONTRIB_WORKER_PROXY = "postfix/worker-proxy.inc"
+
+    def __init__(self, workdir: str | os.PathLike[str], *, dns_port: int, upstream: str,
+                 worker_proxy: str | None = None, subdir: str | None = None,
+                 extra_local_d: Mapping[str, str] | None = None,
+                 hs_cache_dir: str | os.PathLike[str] | None = None,
+                 start_timeout: float | None = None,
+                 source_confdir: str | os.PathLike[str] = SOURCE_CONFDIR) -> None:
+        if subdir is not None:  # several proxies in one workdir
+            self.SUBDIR = subdir
+        super().__init__(workdir, dns_port=dns_port, extra_local_d=extra_local_d,
+                         hs_cache_dir=hs_cache_dir, start_timeout=start_timeout,
+                         source_confdir=source_confdir)
+        self.upstream = upstream
+        self.worker_proxy_template = worker_proxy
+        self.proxy_port = 0
+
+    @property
+    def milter_address(self) -> str:
+        """The value for Postfix's ``smtpd_milters``."""
+        return f"inet:{self.host}:{self.proxy_port}"
+
+    @property
+    def ping_url(self) -> str:
+        return f"http://{self.host}:{self.proxy_port}/ping"
+
+    def _pick_ports(self) -> None:
+        self.proxy_port = free_port(self.host)
+
+    def _local_d(self) -> dict[str, str]:
+        files = self._base_local_d()
+        # only the proxy runs; the disabled workers still get private addresses, just in case
+        files.update({
+            "worker-normal.inc": f'enabled = false;\nbind_socket = "{self.host}:{free_port()}";\n',
+            "worker-controller.inc":
+                f'enabled = false;\nbind_socket = "{self.host}:{free_port()}";\n',
+        })
+        files.update(self.extra_local_d)
+        return files
+
+    def _override_d(self) -> dict[str, str]:
+        template = self.worker_proxy_template
+        if template is None:
+            template = read_contrib(self.CONTRIB_WORKER_PROXY)
+        return {"worker-proxy.inc": render_worker_proxy(
+            template, bind=f"{self.host}:{self.proxy_port}", upstream=self.upstream)}
+
+    def __repr__(self) -> str:
+        return (f"<RspamdProxyLab milter {self.host}:{self.proxy_port} -> {self.upstream} "
+                f"{'alive' if self.alive() else 'stopped'}>")

@@ -54,6 +54,8 @@ class ShimLab:
         self.port = port or free_port()
         #: the policy-helper (query) listener, for ${readsocket}
         self.query_port = free_port()
+        #: the HTTP front (/checkv2) for Haraka, rspamc and rspamd_proxy
+        self.http_port = free_port() if "http_listen" not in (server or {}) else None
         self.config_path = self.dir / "config.toml"
         self.map_path = self.dir / "forwardings.txt"
         self.log_path = self.dir / "shim.log"
@@ -62,7 +64,9 @@ class ShimLab:
         self.quarantine_path = self.dir / "quarantine"
         sections: dict[str, dict[str, object]] = {
             "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
-                       "query_listen": [f"{LOOPBACK}:{self.query_port}"], **(server or {})},
+                       "query_listen": [f"{LOOPBACK}:{self.query_port}"],
+                       "http_listen": [f"{LOOPBACK}:{self.http_port}"] if self.http_port else [],
+                       **(server or {})},
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
             "outbound": {"relay_networks": list(relay_networks)},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
@@ -80,6 +84,11 @@ class ShimLab:
     def query_address(self) -> str:
         """The value for the Exim macro EXIM_POLICY_QUERY (a ${readsocket} spec)."""
         return f"inet:{LOOPBACK}:{self.query_port}"
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP front (rspamc -h, Haraka's and the proxy's upstream)."""
+        return f"{LOOPBACK}:{self.http_port}"
 
     @property
     def spamd_address(self) -> str:
@@ -112,6 +121,8 @@ class ShimLab:
         try:
             deadline = time.monotonic() + timeout
             wait_tcp(LOOPBACK, self.port, deadline, alive=self.alive)
+            if self.http_port is not None:
+                wait_tcp(LOOPBACK, self.http_port, deadline, alive=self.alive)
             if self.quarantine_port is not None:
                 wait_tcp(LOOPBACK, self.quarantine_port, deadline, alive=self.alive)
         except (TimeoutError, RuntimeError) as exc:

@@ -46,6 +46,10 @@ def request_head(length: int, envelope: Envelope, *, host: str, settings_id: str
         value = _clean(value)
         if value:  # an empty User must not make the task "authenticated"
             headers.append((name, value))
+    for name, value in envelope.passthrough:
+        # the shim's own Settings-ID for the traffic class wins over a client's
+        if _clean(value) is not None and not (settings_id and name == "Settings-ID"):
+            headers.append((name, value))
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     # latin-1 round-trips the raw bytes the codecs decoded (8-bit HELO, SMTPUTF8 addresses)
     return head.encode("latin-1")
@@ -128,6 +132,7 @@ def result_from_json(doc: object) -> ScanResult:
         subject=doc.get("subject") if isinstance(doc.get("subject"), str) else None,
         is_skipped=bool(doc.get("is_skipped", False)),
         add_headers=_milter_headers(doc.get("milter")),
+        raw=doc,
     )
 
 

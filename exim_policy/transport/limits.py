@@ -55,6 +55,12 @@ class ConnectionTable:
         """``conn`` has its whole request: it can no longer be shed."""
         self._reading.pop(conn, None)
 
+    def reading_again(self, conn: Sheddable) -> None:
+        """``conn`` (keep-alive) waits for its next request: it may be shed again (it
+        joins the readers as the newest)."""
+        if conn in self._open:
+            self._reading[conn] = None
+
     def forget(self, conn: Sheddable) -> None:
         """``conn`` is closed (idempotent)."""
         self._open.discard(conn)

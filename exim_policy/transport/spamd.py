@@ -12,23 +12,20 @@ EOF and DEFERs after ``tmo`` on an open socket.
 Nothing here waits for a scan slot: a connection that is still sending holds no slot that a
 complete request needs (the handler bounds concurrent scans itself).
 
-``stop()`` stops accepting and lets every open connection finish: requests still arriving
-are read, scanned and answered within the grace period.
+``stop()`` (:class:`~.server.StreamServer`) lets every open connection finish.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Awaitable, Callable
 
 from ..config import ServerConfig
 from ..model import ProtocolError, Request
 from ..protocol import spamc
 from ..protocol.parser import NEED_DATA, RequestParser
-from ..tally import Tally
 from .limits import BudgetWait, Limits
-from .listeners import client_allowed, start_listeners
+from .server import StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -39,55 +36,14 @@ EX_TEMPFAIL = 75
 EX_TIMEOUT = 79
 
 
-class SpamdServer:
+class SpamdServer(StreamServer):
     def __init__(self, config: ServerConfig, handler: Handler,
                  limits: Limits | None = None) -> None:
-        self.config = config
-        self.handler = handler
-        self.limits = limits or Limits(config.max_connections, config.max_bytes_in_flight)
-        self._servers: list[asyncio.AbstractServer] = []
-        self._connections: set[_Connection] = set()
-        self._tasks: set[asyncio.Task] = set()
-        self._drained: asyncio.Event | None = None
-        self.refused = Tally(log, logging.WARNING)
-        self.shed = Tally(log, logging.WARNING)
-        self.not_allowed = Tally(log, logging.WARNING)
-        self.budget_timeouts = Tally(log, logging.ERROR)
+        super().__init__(config, handler, limits)
+        self.addresses = config.listen
 
-    @property
-    def sockets(self) -> list[socket.socket]:
-        return [s for server in self._servers for s in server.sockets]
-
-    async def start(self) -> None:
-        self._servers = await start_listeners(
-            self.config.listen, lambda: _Connection(self), self.config.unix_socket_mode)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let every open connection finish (up to ``grace`` s, default
-        ``server.shutdown_timeout``): requests still arriving are read and answered too."""
-        grace = self.config.shutdown_timeout if grace is None else grace
-        for server in self._servers:
-            server.close()
-        if self._connections:
-            self._drained = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace)
-            except asyncio.TimeoutError:
-                log.warning("%d connection(s) still open after %gs (server.shutdown_timeout);"
-                            " closing them", len(self._connections), grace)
-        for conn in list(self._connections):
-            conn.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
-
-    def _closed(self, conn: _Connection) -> None:
-        self._connections.discard(conn)
-        self.limits.connections.forget(conn)
-        if self._drained is not None and not self._connections:
-            self._drained.set()
+    def connection(self) -> asyncio.Protocol:
+        return _Connection(self)
 
 
 class _Connection(asyncio.Protocol):
@@ -110,24 +66,12 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
-        now = self.loop.time()
-        if not client_allowed(self.peer, self.config.allowed_clients):
-            self.server.not_allowed.hit(now, "refused connection from %s (not in "
-                                        "server.allowed_clients)", self.peer[0])
-            transport.abort()
+        if not self.server.admit(self, transport, self.peer):
             return
-        if not self.server.limits.connections.admit(self):
-            self.server.refused.hit(now, "refused a connection: %d open, every one past "
-                                    "reading (server.max_connections = %d)",
-                                    len(self.server.limits.connections),
-                                    self.config.max_connections)
-            transport.abort()
-            return
-        self.server._connections.add(self)
         self.parser = RequestParser(max_header_bytes=MAX_HEADER_BYTES,
                                     max_body_bytes=self.config.max_message_size,
                                     reserve=self._reserve)
-        self.deadline = now + self.config.request_timeout
+        self.deadline = self.loop.time() + self.config.request_timeout
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -153,7 +97,7 @@ class _Connection(asyncio.Protocol):
         if self.reserved:
             self.server.limits.budget.give_back(self.reserved)
             self.reserved = 0
-        self.server._closed(self)
+        self.server.closed(self)
 
     def shed(self) -> None:
         """The connection table needs this connection's place: it is still sending."""
@@ -225,9 +169,7 @@ class _Connection(asyncio.Protocol):
                 return
             self._fail(event)
             return
-        task = self.loop.create_task(self._respond(event))
-        self.server._tasks.add(task)
-        task.add_done_callback(self.server._tasks.discard)
+        self.server.spawn(self._respond(event))
 
     async def _respond(self, request: Request) -> None:
         try:

@@ -73,8 +73,17 @@ def send(exim: EximLab, message: bytes, rcpts: Iterable[str], *,
     ``host`` is also the client's source address (loopback): "::1" makes the client a
     different host from Exim's point of view than "127.0.0.1".
     """
-    with smtplib.SMTP(host, exim.port, local_hostname="client.test", timeout=timeout) as smtp:
-        smtp.ehlo("client.test")
+    return transaction(host, exim.port, message, rcpts, sender=sender, auth=auth,
+                       timeout=timeout)
+
+
+def transaction(host: str, port: int, message: bytes, rcpts: Iterable[str], *,
+                sender: str = INBOUND_SENDER, auth: tuple[str, str] | None = None,
+                helo: str = "client.test", timeout: float = 60.0) -> Outcome:
+    """One SMTP transaction with any MTA of the lab (Exim, Haraka, Postfix); never raises
+    for a 4xx/5xx reply. ``auth``: (user, password) for AUTH (offered on loopback)."""
+    with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout) as smtp:
+        smtp.ehlo(helo)
         if auth is not None:
             smtp.login(*auth)
         code, text = smtp.mail(sender)

@@ -1,0 +1,250 @@
+"""asyncio transport for the HTTP front (Rspamd's ``/checkv2``, keep-alive).
+
+The same limits as the spamd listener (transport/spamd.py): ``allowed_clients`` before a
+byte is read, a place in the shared connection table (a connection waiting for its next
+request, or still sending one, may be shed to make room), a read deadline and a
+whole-request deadline counted from the request's first byte, and the shared body budget.
+
+The budget is reserved for the bytes as they arrive, before the codec sees them (a chunked
+body has no length to reserve up front); a request that does not fit waits with reading
+paused, and after ``queue_timeout`` gets a 503. The reservation is given back once the
+reply is written. A connection that waits for its next request longer than
+``read_timeout`` is closed without a word: the client opens a new one (Haraka's Node agent
+drops idle connections after 5 s itself, so the default 30 s never races it).
+
+Errors are answered with a 4xx/5xx JSON ``{"error": ...}`` and the connection is closed;
+a request the handler could not answer (a bug) gets a 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from ..config import ServerConfig
+from ..model import ProtocolError, Request
+from ..protocol.checkv2 import CLOSED, CheckV2Connection, Reply
+from ..protocol.parser import NEED_DATA
+from .limits import BudgetWait, Limits
+from .server import StreamServer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Reply]]
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class HttpServer(StreamServer):
+    def __init__(self, config: ServerConfig, handler: Handler,
+                 limits: Limits | None = None) -> None:
+        super().__init__(config, handler, limits)
+        self.addresses = config.http_listen
+
+    def connection(self) -> asyncio.Protocol:
+        return _HttpConnection(self)
+
+    def stopping(self) -> None:
+        for conn in list(self._connections):
+            conn.stopping()  # type: ignore[attr-defined]
+
+
+class _HttpConnection(asyncio.Protocol):
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport
+        self.peer: object = None
+        self.codec: CheckV2Connection | None = None
+        #: bytes of the current request have arrived (a request is under way)
+        self.started = False
+        self.busy = False  # a request is being answered
+        self.reserved = 0
+        self.budget_wait: BudgetWait | None = None
+        self.waiting: bytes = b""  # arrived, not yet fed: waits for budget
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+
+    # ------------------------------------------------------------- asyncio events --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        if not self.server.admit(self, transport, self.peer):
+            return
+        self.codec = CheckV2Connection(max_header_bytes=MAX_HEADER_BYTES,
+                                       max_body_bytes=self.config.max_message_size)
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.codec is None or not data:
+            return
+        if not self.started:
+            self.started = True
+            self.deadline = self.loop.time() + self.config.request_timeout
+        budget = self.server.limits.budget
+        if budget.take(len(data)):
+            self.reserved += len(data)
+            self._feed(data)
+            return
+        self.waiting = data
+        self.transport.pause_reading()
+        self._cancel_timer()
+        amount = min(len(data), budget.capacity)
+        self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
+        self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
+
+    def eof_received(self) -> bool:
+        if self.codec is not None and not self.busy:
+            self._feed(b"")
+        return True  # answer a request that ended with the client's half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.codec = None
+        if self.budget_wait is not None:
+            self.budget_wait.cancel()
+            self.budget_wait = None
+            self.server.limits.budget.grant()
+        self._give_back()
+        self.server.closed(self)
+
+    def shed(self) -> None:
+        """The connection table needs this place: this connection is idle or sending."""
+        if self.started:
+            self.server.shed.hit(self.loop.time(), "closed the HTTP connection from %s that "
+                                 "had been sending its request longest, to make room "
+                                 "(server.max_connections = %d)", self.peer,
+                                 self.config.max_connections)
+        self.codec = None
+        self._cancel_timer()
+        self.transport.abort()
+
+    def stopping(self) -> None:
+        """The server stops: an idle keep-alive connection ends now, a busy one after its
+        reply (``keep_alive`` is then not honoured)."""
+        if not self.started and not self.busy and self.codec is not None:
+            self.codec = None
+            self.transport.close()
+
+    # --------------------------------------------------------------- requests --
+    def _feed(self, data: bytes) -> None:
+        assert self.codec is not None
+        self.codec.receive_data(data)
+        self._advance()
+
+    def _advance(self) -> None:
+        codec = self.codec
+        if codec is None or self.busy:
+            return
+        event = codec.next_event()
+        out = codec.data_to_send()  # "100 Continue" for a client that waits for it
+        if out:
+            self.transport.write(out)
+        if event is NEED_DATA:
+            self._arm_read_timer()
+            return
+        self._cancel_timer()
+        if event is CLOSED:
+            self.codec = None
+            self.transport.close()
+            return
+        if isinstance(event, ProtocolError):
+            self._fail(event)
+            return
+        assert isinstance(event, Request)
+        self.busy = True
+        self.server.limits.connections.read_done(self)
+        self.transport.pause_reading()
+        self.server.spawn(self._respond(event))
+
+    async def _respond(self, request: Request) -> None:
+        try:
+            reply = await self.server.handler(request)
+        except Exception:  # a bug: log it, answer 500, close
+            log.exception("error while handling an HTTP request from %s", self.peer)
+            self._fail(ProtocolError(500, "internal error (see the exim-policy log)"),
+                       quiet=True)
+            return
+        finally:
+            del request  # the body's bytes go as soon as the answer is known
+        codec = self.codec
+        if codec is None or self.transport.is_closing():
+            return
+        self.transport.write(codec.send_reply(reply, close=self.server.closing))
+        self.busy = False
+        self.started = False
+        self._give_back()
+        if not codec.keep_alive:
+            self.codec = None
+            self.transport.close()  # flushes the reply first
+            return
+        codec.next_request()
+        self.server.limits.connections.reading_again(self)
+        self.transport.resume_reading()
+        self._advance()  # a pipelined request may already be in the codec
+
+    def _fail(self, error: ProtocolError, quiet: bool = False) -> None:
+        if not quiet:
+            log.warning("HTTP protocol error from %s: %s %s", self.peer, error.code, error.text)
+        self.codec = None
+        self.transport.write(CheckV2Connection.send_error(error))
+        self.transport.close()
+
+    # ------------------------------------------------------------------ budget --
+    def _budget_granted(self, amount: int) -> None:
+        self.budget_wait = None
+        self._cancel_timer()
+        data, self.waiting = self.waiting, b""
+        self.reserved += amount
+        if self.codec is None:
+            self._give_back()
+            return
+        self.transport.resume_reading()
+        self._feed(data)
+
+    def _budget_expired(self) -> None:
+        self.timer = None
+        if self.budget_wait is None:
+            return
+        self.budget_wait.cancel()
+        self.budget_wait = None
+        self.server.limits.budget.grant()
+        budget = self.server.limits.budget
+        self.server.budget_timeouts.hit(
+            self.loop.time(), "no room for an HTTP request's body within %gs: %d of %d bytes "
+            "held (server.max_bytes_in_flight); answered 503", self.config.queue_timeout,
+            budget.used, budget.capacity)
+        self._fail(ProtocolError(503, "too many bytes in flight, try again later"), quiet=True)
+
+    def _give_back(self) -> None:
+        if self.reserved:
+            self.server.limits.budget.give_back(self.reserved)
+            self.reserved = 0
+
+    # ------------------------------------------------------------------ timers --
+    def _arm_read_timer(self) -> None:
+        self._cancel_timer()
+        delay = self.config.read_timeout
+        if self.started:
+            delay = min(delay, self.deadline - self.loop.time())
+        self.timer = self.loop.call_later(max(delay, 0.0), self._read_expired)
+
+    def _read_expired(self) -> None:
+        self.timer = None
+        if self.codec is None or self.busy:
+            return
+        if not self.started:  # idle between requests (or never said anything)
+            log.debug("closing idle HTTP connection from %s", self.peer)
+            self.codec = None
+            self.transport.close()
+            return
+        if self.loop.time() >= self.deadline:
+            why = f"request not complete in {self.config.request_timeout:g}s"
+        else:
+            why = f"no data for {self.config.read_timeout:g}s"
+        self._fail(ProtocolError(408, why))
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
