@@ -94,7 +94,7 @@ PONG_REPLY = Reply(200, PONG, "text/plain")
 
 # ------------------------------------------------------------------------- connection --
 class _Stop(Exception):
-    """Raised from a parser callback to stop parsing: the error is in ``_failure``."""
+    """Raised from a parser callback to stop parsing (the error is queued already)."""
 
 
 class CheckV2Connection:
@@ -167,9 +167,9 @@ class CheckV2Connection:
         return out
 
     def send_reply(self, reply: Reply, *, close: bool = False) -> bytes:
-        """The framed reply to the current request; ``close``: the last one on this
-        connection (so it is also when the client is HTTP/1.0 without keep-alive, or
-        asked to close)."""
+        """The framed reply to the current request. It says ``Connection: close`` when
+        ``close`` is set (the server stops), when the client asked for it, and for an
+        HTTP/1.0 client that did not ask for keep-alive."""
         request, keep_alive = self._ready[0]
         assert isinstance(request, Request)
         self._keep_alive = keep_alive and not close
