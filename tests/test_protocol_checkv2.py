@@ -16,7 +16,8 @@ from exim_policy.model import (ADD_HEADER, NO_ACTION, REJECT, REWRITE_SUBJECT, S
 from exim_policy.protocol import checkv2
 from exim_policy.protocol.checkv2 import CLOSED, CheckV2Connection, Reply
 from exim_policy.protocol.parser import NEED_DATA
-from exim_policy.scanner.rspamd import request_head, result_from_json
+from exim_policy.scanner.rspamd import request_head
+from exim_policy.scanner.rspamd_json import result_from_json
 
 GOLDEN = Path(__file__).parent / "golden" / "http"
 HARAKA_STREAM = (GOLDEN / "haraka-checkv2.raw").read_bytes()

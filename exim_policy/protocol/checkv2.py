@@ -33,7 +33,8 @@ import json
 import httptools
 
 from ..model import (ADD_HEADER, GREYLIST, NO_ACTION, REJECT, REWRITE_SUBJECT, SOFT_REJECT,
-                     Decision, Envelope, ProtocolError, Request, Symbol, Traffic)
+                     Decision, Envelope, ProtocolError, Request, Traffic)
+from ..scanner.rspamd_json import symbol_json
 from .parser import NEED_DATA
 from .rspamc import envelope as rspamc_envelope, first_message
 from .text import has_line_breaker, valid_ip
@@ -355,7 +356,7 @@ def reply_document(decision: Decision, *, milter: bool, outbound_spam: str) -> d
     symbols = doc.get("symbols")
     doc["symbols"] = dict(symbols) if isinstance(symbols, dict) else {}
     for symbol in decision.symbols:
-        doc["symbols"][symbol.name] = _symbol_json(symbol)
+        doc["symbols"][symbol.name] = symbol_json(symbol)
     if action != (scan.action if scan is not None else None):
         # Rspamd's edits belong to its own verdict, not to the one the shim gives
         for key in ("milter", "dkim-signature", "subject"):
@@ -367,11 +368,3 @@ def reply_document(decision: Decision, *, milter: bool, outbound_spam: str) -> d
     if quarantine and milter:
         doc["milter"] = {"reject": "quarantine"}
     return doc
-
-
-def _symbol_json(symbol: Symbol) -> dict:
-    out: dict = {"name": symbol.name, "score": symbol.score, "metric_score": symbol.score,
-                 "options": list(symbol.options)}
-    if symbol.description is not None:
-        out["description"] = symbol.description
-    return out

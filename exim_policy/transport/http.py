@@ -26,7 +26,7 @@ from ..model import ProtocolError, Request
 from ..protocol.checkv2 import CLOSED, CheckV2Connection, Reply
 from ..protocol.parser import NEED_DATA
 from .limits import BudgetWait, Limits
-from .server import StreamServer
+from .listeners import StreamServer
 
 log = logging.getLogger(__name__)
 

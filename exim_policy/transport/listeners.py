@@ -1,13 +1,27 @@
-"""Binding listen addresses and filtering clients, shared by the spamd and query listeners."""
+"""Binding listen addresses and filtering clients, shared by every listener; and
+:class:`StreamServer`, what the spamd and HTTP listeners share besides: the per-daemon
+limits, the tallies of refused connections, and a graceful stop.
+
+A :class:`StreamServer` subclass names its addresses and its connection class; a
+connection asks :meth:`StreamServer.admit` from ``connection_made`` and calls
+:meth:`StreamServer.closed` from ``connection_lost``. ``stop()`` stops accepting and lets
+every open connection finish: requests still arriving are read, scanned and answered
+within the grace period.
+"""
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import socket
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
-from ..config import ListenAddress
+from ..config import ListenAddress, ServerConfig
+from ..tally import Tally
+from .limits import Limits
+
+log = logging.getLogger(__name__)
 
 
 def client_allowed(peername: object, allowed: tuple) -> bool:
@@ -60,3 +74,92 @@ def _is_stale_socket(path: str) -> bool:
     finally:
         sock.close()
     return False
+
+
+class StreamServer:
+    def __init__(self, config: ServerConfig, handler: Callable[[Any], Awaitable[Any]],
+                 limits: Limits | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.limits = limits or Limits(config.max_connections, config.max_bytes_in_flight)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[asyncio.Protocol] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._drained: asyncio.Event | None = None
+        #: stop() has begun: connections end after their current reply
+        self.closing = False
+        self.refused = Tally(log, logging.WARNING)
+        self.shed = Tally(log, logging.WARNING)
+        self.not_allowed = Tally(log, logging.WARNING)
+        self.budget_timeouts = Tally(log, logging.ERROR)
+
+    # what a subclass provides
+    addresses: tuple[ListenAddress, ...] = ()
+
+    def connection(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for server in self._servers for s in server.sockets]
+
+    async def start(self) -> None:
+        self._servers = await start_listeners(self.addresses, self.connection,
+                                              self.config.unix_socket_mode)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let every open connection finish (up to ``grace`` s, default
+        ``server.shutdown_timeout``): requests still arriving are read and answered too."""
+        grace = self.config.shutdown_timeout if grace is None else grace
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        self.stopping()
+        if self._connections:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("%d connection(s) still open after %gs (server.shutdown_timeout);"
+                            " closing them", len(self._connections), grace)
+        for conn in list(self._connections):
+            conn.transport.abort()  # type: ignore[attr-defined]
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+    def stopping(self) -> None:
+        """Called once the listeners are closed (a keep-alive server ends idle connections)."""
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run a connection's handler as a task that ``stop()`` waits for or cancels."""
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def admit(self, conn: asyncio.Protocol, transport: asyncio.BaseTransport,
+              peer: object) -> bool:
+        """Take a new connection in, or abort it: a client outside ``allowed_clients``
+        (before a byte is read), or no room in the shared connection table."""
+        now = asyncio.get_running_loop().time()
+        if not client_allowed(peer, self.config.allowed_clients):
+            self.not_allowed.hit(now, "refused connection from %s (not in "
+                                 "server.allowed_clients)", peer[0])  # type: ignore[index]
+            transport.abort()
+            return False
+        if not self.limits.connections.admit(conn):  # type: ignore[arg-type]
+            self.refused.hit(now, "refused a connection: %d open, every one past reading "
+                             "(server.max_connections = %d)", len(self.limits.connections),
+                             self.config.max_connections)
+            transport.abort()
+            return False
+        self._connections.add(conn)
+        return True
+
+    def closed(self, conn: asyncio.Protocol) -> None:
+        self._connections.discard(conn)
+        self.limits.connections.forget(conn)  # type: ignore[arg-type]
+        if self._drained is not None and not self._connections:
+            self._drained.set()

@@ -12,7 +12,7 @@ EOF and DEFERs after ``tmo`` on an open socket.
 Nothing here waits for a scan slot: a connection that is still sending holds no slot that a
 complete request needs (the handler bounds concurrent scans itself).
 
-``stop()`` (:class:`~.server.StreamServer`) lets every open connection finish.
+``stop()`` (:class:`~.listeners.StreamServer`) lets every open connection finish.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..model import ProtocolError, Request
 from ..protocol import spamc
 from ..protocol.parser import NEED_DATA, RequestParser
 from .limits import BudgetWait, Limits
-from .server import StreamServer
+from .listeners import StreamServer
 
 log = logging.getLogger(__name__)
 
