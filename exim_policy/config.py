@@ -483,6 +483,15 @@ class SpamcConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    #: "shadow": the shim decides and logs what it would answer ("would"), but answers
+    #: Rspamd's verdict unchanged, and accounts only count (as accounts.mode = "shadow"),
+    #: so a site can compare before it switches; scanner failures keep their [failure]
+    #: outcome (there is no verdict to pass on)
+    mode: str = field(default="enforce", metadata=_parse(_choice("enforce", "shadow")))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The HTTP front's answers where its clients differ from Exim."""
 
@@ -501,6 +510,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
+    policy: PolicyConfig = PolicyConfig()
     rspamd: RspamdConfig = RspamdConfig()
     outbound: OutboundConfig = OutboundConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
@@ -510,6 +520,11 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     accounts: AccountsConfig = AccountsConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+
+    @property
+    def accounts_shadow(self) -> bool:
+        """Accounts only count and tell: their own shadow mode, or the whole policy's."""
+        return self.accounts.mode == "shadow" or self.policy.mode == "shadow"
 
 
 # ------------------------------------------------------------------------------- loader --

@@ -174,6 +174,9 @@ class Decision:
     message: str | None = None
     #: the account part (outbound mail with accounts on): its status and what to record
     account: "AccountOutcome | None" = None
+    #: policy.mode = "shadow": the action the shim would have answered instead (None: the
+    #: answer is the shim's own, or it would have been the same)
+    would: str | None = None
 
     @property
     def score(self) -> float:

@@ -39,6 +39,8 @@ SYM_OUTBOUND = "EXIM_POLICY_OUTBOUND"
 SYM_FORWARDING = "EXIM_POLICY_FORWARDING"
 SYM_SCANNER_FAILED = "EXIM_POLICY_SCANNER_FAILED"
 SYM_ACCOUNT = "EXIM_POLICY_ACCOUNT"
+#: policy.mode = "shadow": what the shim would have answered (its option)
+SYM_SHADOW = "EXIM_POLICY_SHADOW"
 #: how many of Rspamd's symbols (by |score|) an account's evidence keeps per message
 EVIDENCE_SYMBOLS = 5
 _ON_OPEN = {"notify": AccountStatus.OK, "hold": AccountStatus.HELD, "lock": AccountStatus.LOCKED}
@@ -94,7 +96,7 @@ def as_seen(state: AccountState, config: Config) -> AccountState:
     """The state as this mode sees it: enforcing ignores what a shadow-mode incident did
     (switching shadow mode off must not suddenly hold the accounts it would have held)."""
     incident = state.incident
-    if config.accounts.mode == "enforce" and incident is not None and incident.shadow:
+    if not config.accounts_shadow and incident is not None and incident.shadow:
         return dataclasses.replace(state, status=AccountStatus.OK, incident=None,
                                    spam_since_hold=0)
     return state
@@ -104,7 +106,7 @@ def account_status(state: AccountState | None, config: Config) -> AccountStatus:
     """What the policy helper answers for an account (``account USER``): its stored
     status, or ``throttled`` when a one-recipient message would go over a limit now.
     Shadow mode and accounts off always answer ``ok``."""
-    if state is None or not config.accounts.enabled or config.accounts.mode == "shadow":
+    if state is None or not config.accounts.enabled or config.accounts_shadow:
         return AccountStatus.OK
     state = as_seen(state, config)
     if state.status is AccountStatus.OK and over_limit(state, 1, 1, config):
@@ -115,7 +117,7 @@ def account_status(state: AccountState | None, config: Config) -> AccountStatus:
 def must_scan(envelope: Envelope, context: Context, config: Config) -> bool:
     """False when the answer is known without Rspamd: an enforced limit refuses it."""
     facts = context.account
-    if facts is None or facts.state is None or config.accounts.mode == "shadow":
+    if facts is None or facts.state is None or config.accounts_shadow:
         return True
     state = as_seen(facts.state, config)
     return state.status is not AccountStatus.OK or \
@@ -136,9 +138,27 @@ def decide(envelope: Envelope, scan: ScanResult | ScanFailure | ScanSkipped, con
         return _account_decision(unscanned, envelope, scan, context.account, context, config,
                                  now)
     verdict = _verdict(envelope, scan, context, config)
-    if context.account is None:
-        return verdict
-    return _account_decision(verdict, envelope, scan, context.account, context, config, now)
+    if context.account is not None:
+        verdict = _account_decision(verdict, envelope, scan, context.account, context, config,
+                                    now)
+    if config.policy.mode == "shadow" and isinstance(scan, ScanResult):
+        return _shadowed(verdict, scan)
+    return verdict
+
+
+def _shadowed(decision: Decision, scan: ScanResult) -> Decision:
+    """policy.mode = "shadow": Rspamd's verdict is the answer, with the text it would have
+    without the shim (the public message); the reason and an EXIM_POLICY_SHADOW symbol
+    say what the shim would have answered. What to record for the account stays (as
+    shadow: accounts_shadow)."""
+    if decision.action == scan.action:
+        return decision
+    summary = f"Rspamd said {scan.action!r}, score {scan.score:.2f} / {scan.required_score:.2f}"
+    return dataclasses.replace(
+        decision, action=scan.action, would=decision.action, defer=False,
+        message=_rspamd_reason(scan, summary),
+        reason=f"shadow mode, would answer {decision.action!r}: {decision.reason}",
+        symbols=decision.symbols + (Symbol(SYM_SHADOW, 0.0, (decision.action,)),))
 
 
 def _verdict(envelope: Envelope, scan: ScanResult | ScanFailure, context: Context,
@@ -173,7 +193,7 @@ def _account_decision(verdict: Decision, envelope: Envelope,
     the message event and incident transitions to record. Shadow mode records the same
     and answers the verdict: the reason says what would have happened."""
     accounts = config.accounts
-    shadow = accounts.mode == "shadow"
+    shadow = config.accounts_shadow
     who = facts.account
     state = facts.state
     if state is None:  # the store is unreachable: what this daemon remembers, and

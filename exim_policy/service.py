@@ -150,12 +150,13 @@ def log_decision(request: Request, evaluation: Evaluation) -> None:
     account = d.account
     log.log(level,
             "qid=%s proto=%s/%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
-            "rspamd=%s score=%s final=%s%s account=%s ms=%.1f reason=%s",
+            "rspamd=%s score=%s final=%s%s%s account=%s ms=%.1f reason=%s",
             env.queue_id or "-", request.protocol, request.command, d.traffic.value,
             printable(env.user) if env.user is not None else "-", env.ip or "-",
             len(env.recipients), len(d.forwarding),
             repr(scan.action) if scan else "SKIPPED" if d.failure is None else "FAILED",
             f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
             repr(d.action), " (no answer: defer)" if d.defer else "",
+            f" would={d.would!r}" if d.would is not None else "",
             f"{account.account}:{account.status.value}" if account else "-",
             evaluation.elapsed * 1000, d.reason)

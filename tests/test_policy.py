@@ -149,3 +149,37 @@ def test_forwarding_reject_message_is_the_public_text_and_the_reason_follows():
     assert messages[1].startswith(b"Message: spam to a recipient that forwards externally")
     # without it, the reason is the public text
     assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW).message is None
+
+
+# ---------------------------------------------------------------- policy.mode = shadow --
+SHADOW = from_dict({"policy": {"mode": "shadow"},
+                    "outbound": {"relay_networks": ["192.0.2.0/24"]},
+                    "forwarding": {"reject_message": "forwarding spam refused"}})
+
+
+@pytest.mark.parametrize("envelope, context, rspamd, would", [
+    (TO_FWD, FWD, "add header", "reject"),
+    (TO_FWD, FWD, "rewrite subject", "reject"),
+    (TO_FWD, FWD, "reject", None),  # the same answer either way
+    (AUTH, NONE, "reject", None),  # outbound spam: reject (Exim quarantines it) either way
+    (INBOUND, NONE, "add header", None),
+])
+def test_shadow_mode_answers_rspamds_verdict_and_says_what_it_would(envelope, context,
+                                                                    rspamd, would):
+    enforced = decide(envelope, scan(rspamd, 7.0), context, CONFIG, NOW)
+    shadow = decide(envelope, scan(rspamd, 7.0), context, SHADOW, NOW)
+    assert shadow.action == rspamd and shadow.would == would
+    if would is None:
+        assert shadow.action == enforced.action
+        return
+    assert enforced.action == would
+    assert shadow.reason.startswith(f"shadow mode, would answer {would!r}: ")
+    assert shadow.message == "Rspamd said %r, score 7.00 / 15.00" % rspamd  # public text
+    assert ("EXIM_POLICY_SHADOW", (would,)) in [(s.name, s.options) for s in shadow.symbols]
+    assert SYM_FORWARDING in {s.name for s in shadow.symbols}  # the context still shows
+
+
+def test_shadow_mode_keeps_the_failure_outcome():
+    """A scanner failure has no verdict to pass on: [failure] applies as configured."""
+    failed = decide(AUTH, ScanFailure("down"), NONE, SHADOW, NOW)
+    assert failed.action == "soft reject" and failed.would is None

@@ -147,6 +147,20 @@ def test_shadow_mode_records_the_same_and_answers_the_verdict():
         assert "would" in shadow.reason
 
 
+def test_policy_shadow_mode_makes_accounts_count_only():
+    """policy.mode = "shadow" with accounts.mode = "enforce": as accounts' own shadow mode."""
+    whole = from_dict({"accounts": BASE, "policy": {"mode": "shadow"},
+                       "outbound": {"relay_networks": ["192.0.2.0/24"]}})
+    assert whole.accounts.mode == "enforce" and whole.accounts_shadow
+    for st, scan in ((state(messages=3), HAM), (state(AccountStatus.HELD, incident=INCIDENT),
+                                                  HAM), (state(spam=2), GTUBE)):
+        assert must_scan(AUTH, facts(st), whole)
+        shadow = decide(AUTH, scan, facts(st), whole, NOW)
+        assert shadow.action == scan.action
+        assert all(t.shadow for t in shadow.account.transitions)
+        assert account_status(st, whole) is AccountStatus.OK  # the helper answers ok too
+
+
 @pytest.mark.parametrize("remembered, mode, action", [
     (AccountStatus.OK, "open", "no action"),
     (AccountStatus.OK, "tempfail", "soft reject"),

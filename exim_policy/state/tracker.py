@@ -104,7 +104,7 @@ class AccountTracker:
             state = None
         if state is None:
             remembered = self._contained.get(account, AccountStatus.OK)
-            answer = AccountStatus.OK if self.config.accounts.mode == "shadow" else remembered
+            answer = AccountStatus.OK if self.config.accounts_shadow else remembered
         else:
             self._remember(state)
             answer = account_status(state, self.config)

@@ -167,3 +167,25 @@ def test_haraka_ham_is_queued_and_messages_share_one_connection(
     assert established(shim.http_port) & after_first
     assert wait_sink(smtp_sink, first).rcpt_tos == (LOCAL,)
     assert wait_sink(smtp_sink, second).rcpt_tos == (EXTERNAL,)
+
+
+# --------------------------------------------------------------- policy.mode = shadow --
+@pytest.fixture(scope="module")
+def shadow_shim(e2e_dir: Path, rspamd: RspamdLab) -> Iterator[ShimLab]:
+    lab = ShimLab(e2e_dir / "shadow", rspamd_url=rspamd.url, forwarding=(FORWARDER,),
+                  extra_toml='[policy]\nmode = "shadow"\n')
+    start_or_fail(lab, "the shim in shadow mode")
+    yield lab
+    lab.stop()
+
+
+def test_shadow_mode_answers_rspamd_and_logs_what_it_would(shadow_shim: ShimLab,
+                                                          rspamd_running: RspamdLab,
+                                                          tmp_path: Path) -> None:
+    queue_id = f"rspamc-shadow-{time.monotonic_ns()}"
+    output = rspamc(shadow_shim, tmp_path, messages.gtube_add_header(FORWARDER, OUTSIDE_SENDER),
+                    rcpts=(FORWARDER,), queue_id=queue_id)
+    assert printed_action(output) == "add header" == logged_final(shadow_shim, queue_id)
+    assert "Symbol: EXIM_POLICY_SHADOW" in output and "Symbol: EXIM_POLICY_FORWARDING" in output
+    line = next(line for line in shadow_shim.log_text().splitlines() if queue_id in line)
+    assert "would='reject'" in line and "shadow mode, would answer 'reject'" in line
