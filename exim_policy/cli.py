@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"exim-policy: config: {exc}", file=sys.stderr)
+        for error in exc.errors or (str(exc),):
+            print(f"exim-policy: config: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,13 +1,16 @@
 """TOML configuration -> frozen dataclasses.
 
 Every key has a default in its dataclass field. Unknown keys, wrong types and bad values
-raise :class:`ConfigError` naming the dotted key (``forwarding.sources[2].path: ...``), so a
-typo fails at start-up instead of silently using a default.
+raise :class:`ConfigError` naming the dotted key (``forwarding.sources[2].path: ...``), every
+one of them at once, so a typo fails at start-up instead of silently using a default.
+:func:`to_toml` writes a configuration back as TOML that reads back the same.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
+import json
 import sys
 import typing
 import urllib.parse
@@ -25,7 +28,12 @@ DEFAULT_CONFIG_PATH = "/etc/exim-policy/config.toml"
 
 
 class ConfigError(Exception):
-    """A configuration problem, worded for the administrator (no traceback needed)."""
+    """Configuration problems, worded for the administrator (no traceback needed): every
+    one found, one line each (``errors``), not only the first."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
 
 
 # --------------------------------------------------------------------------- value types --
@@ -243,9 +251,10 @@ def _release_via(value: object) -> str:
                      "the Exim ACLs do not scan, EXIM_POLICY_RELEASE_PORT)")
 
 
-def _parse(fn):
-    """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises."""
-    return {"parse": fn}
+def _parse(fn, show=None):
+    """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises;
+    ``show`` turns the value back into what ``fn`` reads (when that is not the value)."""
+    return {"parse": fn, "show": show} if show else {"parse": fn}
 
 
 # ----------------------------------------------------------------------------- sections --
@@ -265,7 +274,7 @@ class ServerConfig:
     event_loop: str = field(default="auto", metadata=_parse(_event_loop))
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
     #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
-    unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode))
+    unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode, show=lambda mode: f"{mode:04o}"))
     #: open client connections; when full, the one that has been sending its request
     #: longest is closed to make room (one still sending holds no scan slot)
     max_connections: int = field(default=1024, metadata=_parse(_positive_int))
@@ -375,7 +384,7 @@ class FailureConfig:
 class LimitConfig:
     """One sliding window; over any of its counts, the account is throttled (451)."""
 
-    window: float = field(default=0.0, metadata=_parse(parse_duration))
+    window: float = field(default=0.0, metadata=_parse(parse_duration, show=format_duration))
     #: 0: no limit on that count
     messages: int = field(default=0, metadata=_parse(_count))
     recipients: int = field(default=0, metadata=_parse(_count))
@@ -392,7 +401,7 @@ class LimitConfig:
 class IncidentConfig:
     """``spam_verdicts`` spam verdicts within ``window`` open an incident."""
 
-    window: float = field(default=3600.0, metadata=_parse(parse_duration))
+    window: float = field(default=3600.0, metadata=_parse(parse_duration, show=format_duration))
     #: 0: never open an incident
     spam_verdicts: int = field(default=5, metadata=_parse(_count))
     on_open: str = field(default="hold", metadata=_parse(_choice("notify", "hold", "lock")))
@@ -432,7 +441,7 @@ class AccountsConfig:
     throttle_message: str = "sending rate limit exceeded, please try again later"
     #: how long the incidents and audit trail of an account that sends nothing more are
     #: kept (held and locked accounts are kept until a human acts)
-    history: float = field(default=30 * 86400.0, metadata=_parse(parse_duration))
+    history: float = field(default=30 * 86400.0, metadata=_parse(parse_duration, show=format_duration))
     limits: tuple[LimitConfig, ...] = ()
     incident: IncidentConfig = IncidentConfig()
     notify: NotifyConfig = NotifyConfig()
@@ -458,7 +467,7 @@ class QuarantineConfig:
     #: messages/ (one file per message) and index.db (envelope, evidence, state, audit)
     path: str = "/var/lib/exim-policy/quarantine"
     #: ``quarantine purge`` (and the daemon, hourly) removes entries older than this
-    retention: float = field(default=30 * 86400.0, metadata=_parse(parse_duration))
+    retention: float = field(default=30 * 86400.0, metadata=_parse(parse_duration, show=format_duration))
     #: larger messages get a 552 (Exim bounces them to the sender: keep this above
     #: EXIM_POLICY_MAX_SCAN_SIZE, a quarantined message was scanned)
     max_message_size: int = field(default=64 * 1024 * 1024, metadata=_parse(_positive_int))
@@ -527,6 +536,61 @@ class Config:
         return self.accounts.mode == "shadow" or self.policy.mode == "shadow"
 
 
+# ------------------------------------------------------------------------------ writing --
+def toml_value(value: object) -> str:
+    """One value as TOML: strings, numbers, booleans, lists, and the parsed forms of this
+    module (listen addresses, networks, failure modes) as the text that reads back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, enum.Enum):
+        return toml_value(value.value)
+    if isinstance(value, (ListenAddress, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return toml_value(str(value))
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The whole configuration as TOML, every key: ``from_dict(tomllib.loads(...))`` of it
+    gives ``config`` back (check-config prints it)."""
+    lines: list[str] = []
+    _write_table(config, "", None, lines)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _write_table(table: object, path: str, header: str | None, lines: list[str]) -> None:
+    """``header`` (``[path]`` or ``[[path]]``), the table's own keys, then its subtables
+    and arrays of tables (TOML wants the keys of a table before any subtable)."""
+    scalars, subtables, arrays = [], [], []
+    for f in dataclasses.fields(table):  # type: ignore[arg-type]
+        value = getattr(table, f.name)
+        key = _join(path, f.name)
+        if _is_section(value):
+            subtables.append((key, value))
+        elif isinstance(value, tuple) and value and _is_section(value[0]):
+            arrays.append((key, value))
+        else:
+            show = f.metadata.get("show")
+            scalars.append(f"{f.name} = {toml_value(show(value) if show else value)}")
+    if header is not None:
+        lines += [header, *scalars, ""]
+    for key, value in subtables:
+        _write_table(value, key, f"[{key}]", lines)
+    for key, items in arrays:
+        for item in items:
+            _write_table(item, key, f"[[{key}]]", lines)
+
+
+def _is_section(value: object) -> bool:
+    """A table of the file (a ListenAddress is a dataclass too, but a string there)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, ListenAddress)
+
+
 # ------------------------------------------------------------------------------- loader --
 def load(path: str | Path) -> Config:
     """Read and validate a TOML file."""
@@ -543,24 +607,25 @@ def load(path: str | Path) -> Config:
 
 
 def from_dict(data: dict) -> Config:
-    config = _build(Config, data, "")
+    """Validate ``data`` (a parsed TOML document); ConfigError names every problem."""
+    errors: list[str] = []
+    config = _build(Config, data, "", errors)
     server = config.server
     if server.max_message_size > server.max_bytes_in_flight:
-        raise ConfigError(f"server.max_bytes_in_flight: {server.max_bytes_in_flight} is below "
-                          f"server.max_message_size ({server.max_message_size}): a message of "
-                          "the largest allowed size could never be held")
-    for i, source in enumerate(config.forwarding.sources):
-        try:
-            source.check()
-        except ConfigError as exc:
-            raise ConfigError(f"forwarding.sources[{i}].{exc}") from None
-    for i, limit in enumerate(config.accounts.limits):
-        try:
-            limit.check()
-        except ConfigError as exc:
-            raise ConfigError(f"accounts.limits[{i}].{exc}") from None
+        errors.append(f"server.max_bytes_in_flight: {server.max_bytes_in_flight} is below "
+                      f"server.max_message_size ({server.max_message_size}): a message of "
+                      "the largest allowed size could never be held")
+    for what, items in (("forwarding.sources", config.forwarding.sources),
+                        ("accounts.limits", config.accounts.limits)):
+        for i, item in enumerate(items):
+            try:
+                item.check()
+            except ConfigError as exc:
+                errors.append(f"{what}[{i}].{exc}")
     if len({limit.window for limit in config.accounts.limits}) < len(config.accounts.limits):
-        raise ConfigError("accounts.limits: two limits with the same window (merge them)")
+        errors.append("accounts.limits: two limits with the same window (merge them)")
+    if errors:
+        raise ConfigError(*errors)
     return config
 
 
@@ -568,30 +633,33 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _build(cls, data: object, path: str):
+def _build(cls, data: object, path: str, errors: list[str]):
+    """``cls`` from ``data``; each problem is appended to ``errors`` and the field keeps
+    its default, so one pass finds them all."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a table")
+        errors.append(f"{path or 'config'}: expected a table")
+        return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{_join(path, unknown[0])}: unknown key"
-                          f" (known: {', '.join(sorted(fields))})")
+    for name in sorted(set(data) - set(fields)):
+        errors.append(f"{_join(path, name)}: unknown key (known: {', '.join(sorted(fields))})")
     values = {}
     for name, raw in data.items():
+        if name not in fields:
+            continue
         key = _join(path, name)
         parse = fields[name].metadata.get("parse")
         try:
-            values[name] = parse(raw) if parse else _convert(hints[name], raw, key)
+            values[name] = parse(raw) if parse else _convert(hints[name], raw, key, errors)
         except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            errors.append(f"{key}: {exc}")
     return cls(**values)
 
 
-def _convert(tp, raw: object, key: str):
+def _convert(tp, raw: object, key: str, errors: list[str]):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, raw, key)
+        return _build(tp, raw, key, errors)
     if isinstance(tp, type) and issubclass(tp, FailureMode):
         try:
             return tp(raw)
@@ -609,5 +677,6 @@ def _convert(tp, raw: object, key: str):
         item_type = typing.get_args(tp)[0]
         if not isinstance(raw, list):
             raise ValueError("expected a list")
-        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(raw))
+        return tuple(_convert(item_type, item, f"{key}[{i}]", errors)
+                     for i, item in enumerate(raw))
     raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in this module

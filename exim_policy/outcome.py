@@ -17,7 +17,9 @@ order Exim evaluates them:
    Subject), on top of the X-Spam-Action/Score/Bar headers every scanned inbound message gets.
 6. Anything else (``no action``, ``greylist``, custom actions such as ``discard``, every
    outbound action but ``reject``): accepted; inbound mail carries the informational
-   X-Spam-Action/Score/Bar headers, outbound mail is unchanged.
+   X-Spam-Action/Score/Bar headers, outbound mail is unchanged. Inbound mail the shim
+   answered for a scanner that failed (``decision.failure``) carries
+   ``X-Spam-Status: unscanned (scanner unavailable)`` instead.
 
 ``<reason>`` is what the ACL copies into ``acl_m_ep_reason``: the text of the reply's first
 ``Message:`` line (the shim's reason, or its custom message), cut to the length the reply
@@ -112,5 +114,8 @@ def exim_outcome(decision: Decision, *, quarantine: str = DEFAULT_QUARANTINE) ->
         if decision.action == REWRITE_SUBJECT and scan is not None and scan.subject:
             text += f" and Subject: {one_line(scan.subject)}"
         return EximOutcome(MARKED, 250, text)
+    if decision.failure is not None:
+        return EximOutcome(ACCEPTED, 250, "accepted unscanned, marked "
+                                          "X-Spam-Status: unscanned (scanner unavailable)")
     return EximOutcome(ACCEPTED, 250,
                        "accepted (with the X-Spam-Action, X-Spam-Score and X-Spam-Bar headers)")

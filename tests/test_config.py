@@ -1,13 +1,20 @@
 """Config: defaults, the documented contract, and errors that name the dotted key."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import sys
 
 import pytest
 
 from exim_policy import cli
-from exim_policy.config import ConfigError, ListenAddress, from_dict, load
+from exim_policy.config import ConfigError, ListenAddress, ServerConfig, from_dict, load, to_toml
 from exim_policy.model import FailureMode
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 CONTRACT = """
 [server]
@@ -91,19 +98,68 @@ def test_load_errors(tmp_path):
         load(bad)
 
 
-def test_check_config_command(tmp_path, capsys):
+def test_check_config_prints_toml_that_reads_back_the_same(tmp_path, capsys):
     good = tmp_path / "good.toml"
     good.write_text(CONTRACT)
     assert cli.main(["check-config", "--config", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "outbound.relay_networks = [192.0.2.0/24]" in out
+    assert out.startswith(f"# {good}: OK")
+    assert '[outbound]\nrelay_networks = ["192.0.2.0/24"]' in out
+    assert 'unix_socket_mode = "0666"' in out and "SettingsIds(" not in out
+    assert from_dict(tomllib.loads(out)) == load(good)
 
+
+def test_to_toml_round_trips_every_shape():
+    config = from_dict({
+        "server": {"listen": ["[::1]:11335", "unix:/run/x.sock"], "unix_socket_mode": "0660",
+                   "http_listen": ["127.0.0.1:11338"]},
+        "policy": {"mode": "shadow"},
+        "forwarding": {"sources": [{"type": "lsearch", "path": "/etc/aliases",
+                                    "domain": "x.test"},
+                                   {"type": "sqlite", "path": "/a.db", "query": "select 1"}]},
+        "accounts": {"enabled": True, "limits": [{"window": "1h", "messages": 5},
+                                                 {"window": 90, "recipients": 100}],
+                     "notify": {"mail_to": ["root@x.test"]}},
+        "failure": {"inbound": "defer"},
+        "outbound": {"relay_networks": ["192.0.2.0/24", "2001:db8::/32"]},
+        "rspamd": {"settings_id": {"inbound": ""}},
+    })
+    text = to_toml(config)
+    assert from_dict(tomllib.loads(text)) == config
+    assert 'window = "1h"' in text and 'window = "90s"' in text
+    assert text.count("[[forwarding.sources]]") == 2
+
+
+def test_every_error_is_reported_at_once(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[rspamd]\ntimeout = 'soon'\n")
+    bad.write_text("[rspamd]\ntimeout = 'soon'\nurl = 'ftp://x'\n[server]\nlisten = 'nope'\n"
+                   "colour = 'red'\n[[accounts.limits]]\nmessages = 1\n")
     assert cli.main(["check-config", "--config", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == "exim-policy: config: rspamd.timeout: expected a positive number"
-    assert "Traceback" not in err
+    err = capsys.readouterr().err.splitlines()
+    assert err == [  # in the file's order; a table's unknown keys first
+        "exim-policy: config: rspamd.timeout: expected a positive number",
+        "exim-policy: config: rspamd.url: 'ftp://x': expected http://host:port (Rspamd's "
+        "normal worker)",
+        "exim-policy: config: server.colour: unknown key (known: " + ", ".join(
+            sorted(f.name for f in dataclasses.fields(ServerConfig))) + ")",
+        "exim-policy: config: server.listen: 'nope': expected 'host:port', '[v6]:port' or "
+        "'unix:/path'",
+        "exim-policy: config: accounts.limits[0].window: required (e.g. \"1h\")",
+    ]
+
+
+def test_check_config_warns_about_files_that_are_not_there(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[forwarding]\nmap = "{tmp_path}/none.txt"\n'
+                    f'[[forwarding.sources]]\ntype = "lsearch"\npath = "{tmp_path}/aliases"\n')
+    assert cli.main(["check-config", "--quiet", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"exim-policy: warning: forwarding.map: {tmp_path}/none.txt does not exist: no "
+        "recipient counts as forwarding until it does (exim-policy forwardings build writes it)",
+        f"exim-policy: warning: forwarding.sources[0].path: {tmp_path}/aliases does not exist",
+    ]
 
 
 def test_example_config_is_valid_and_complete():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 from exim_policy.forwarding.mapfile import ForwardingMap
@@ -57,6 +58,24 @@ def test_watcher_swaps_atomically_and_keeps_old_map_on_trouble(tmp_path):
     os.unlink(path)  # a missing file must not empty the set under a running daemon
     asyncio.run(watcher.reload_if_changed())
     assert watcher.current.forwards("b@example.com")
+
+
+def test_serve_start_warns_when_the_map_is_missing_or_empty(tmp_path, caplog):
+    """Forwarding protection silently off is what an admin must hear about at start."""
+    path = str(tmp_path / "map.txt")
+    with caplog.at_level(logging.INFO, logger="exim_policy.forwarding.watch"):
+        MapWatcher(path, interval=1).load_now()
+        _replace(path, "# lab forwarding map\n")
+        MapWatcher(path, interval=1).load_now()
+        _replace(path, "a@example.com\n")
+        MapWatcher(path, interval=1).load_now()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said[0] == ("WARNING", f"forwarding map {path} does not exist: no recipient counts "
+                                  "as forwarding until it appears (exim-policy forwardings "
+                                  "build writes it)")
+    assert said[1] == ("WARNING", f"forwarding map {path} is empty: no recipient counts as "
+                                  "forwarding")
+    assert said[2] == ("INFO", f"forwarding map {path} loaded: 1 addresses, 0 domains")
 
 
 def test_watcher_run_picks_up_changes(tmp_path):

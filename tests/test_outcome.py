@@ -93,10 +93,12 @@ def test_defer_is_exims_own_451_whatever_the_action():
     assert got.message.startswith("451 Temporary local problem - please try later")
 
 
-def test_failure_mode_accept_is_plain_acceptance():
+def test_failure_mode_accept_is_acceptance_marked_unscanned():
     d = Decision(action=NO_ACTION, traffic=IN, reason="scanner unavailable (x)",
                  failure=ScanFailure("x"))
-    assert exim_outcome(d, quarantine=Q).outcome == ACCEPTED
+    got = exim_outcome(d, quarantine=Q)
+    assert got.outcome == ACCEPTED
+    assert "X-Spam-Status: unscanned (scanner unavailable)" in got.message
 
 
 def test_failure_mode_tempfail_uses_the_reason():

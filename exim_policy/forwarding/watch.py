@@ -33,7 +33,11 @@ class MapWatcher:
         self._signature: tuple | None = None
 
     def load_now(self) -> None:
-        """Blocking first load, for start-up (before the event loop serves anything)."""
+        """Blocking first load, for start-up (before the event loop serves anything). A
+        missing map is said at once: forwarding protection is off until it appears."""
+        if _signature(self.path) is None:
+            log.warning("forwarding map %s does not exist: no recipient counts as forwarding "
+                        "until it appears (exim-policy forwardings build writes it)", self.path)
         self._reload_if_changed_sync()
 
     async def run(self) -> None:
@@ -62,5 +66,9 @@ class MapWatcher:
             return
         self.current = new  # one reference swap: readers see the old or the new map
         self._signature = signature
+        if not len(new):
+            log.warning("forwarding map %s is empty: no recipient counts as forwarding",
+                        self.path)
+            return
         log.info("forwarding map %s loaded: %d addresses, %d domains", self.path,
                  len(new.addresses), len(new.domains))

@@ -4,7 +4,6 @@ Used by the end-to-end tests and the demo: Exim talks to it exactly as in produc
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,26 +12,15 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from ..config import toml_value
 from .ports import LOOPBACK, free_port, tcp_accepts, wait_tcp
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def render_toml(sections: Mapping[str, Mapping[str, object]]) -> str:
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items())
+        lines.extend(f"{key} = {toml_value(v)}" for key, v in values.items())
         lines.append("")
     return "\n".join(lines)
 

@@ -137,12 +137,14 @@ def test_forged_verdict_headers_are_removed(stack):
     mid = messages.new_message_id()
     forged = messages.ham(to=LOCAL, message_id=mid).replace(
         b"MIME-Version:", b"X-Spam-Flag: NO\r\nX-Exim-Policy-Recipients: victim@example.com"
+                          b"\r\nX-Spam-Status: unscanned (scanner unavailable)"
                           b"\r\nMIME-Version:", 1)
     outcome = send(stack.exim, forged, [LOCAL])
     assert outcome.accepted, outcome
     delivered = wait_mailbox(stack.exim, "bob", mid)
     assert delivered["X-Spam-Flag"] is None
     assert delivered["X-Exim-Policy-Recipients"] is None
+    assert delivered["X-Spam-Status"] is None
     assert delivered["X-Spam-Action"] == "no action"
 
 
@@ -172,7 +174,10 @@ def test_rspamd_down_tempfails_outbound_spam_and_accepts_inbound_ham(stack, rspa
     ham_mid = messages.new_message_id()
     ham = send(stack.exim, messages.ham(to=LOCAL, message_id=ham_mid), [LOCAL])
     assert ham.accepted, ham              # inbound failure mode: accept
-    wait_mailbox(stack.exim, "bob", ham_mid)
+    delivered = wait_mailbox(stack.exim, "bob", ham_mid)
+    # ... and marked as unscanned, not as a clean "no action, 0.0"
+    assert delivered["X-Spam-Status"] == "unscanned (scanner unavailable)"
+    assert delivered["X-Spam-Action"] is None and delivered["X-Spam-Score"] is None
     assert in_sink(stack.sink, spam_mid) == []
 
     rspamd_stopped.start()                # back; the client retries the tempfailed message
