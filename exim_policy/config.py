@@ -514,6 +514,16 @@ class HttpConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(default="info", metadata=_parse(_log_level))
+    #: "text" (one readable line per record) or "json" (one JSON object per line; a
+    #: decision's fields as keys of their own)
+    format: str = field(default="text", metadata=_parse(_choice("text", "json")))
+    #: "stderr" (journald under systemd) or "syslog"
+    target: str = field(default="stderr", metadata=_parse(_choice("stderr", "syslog")))
+    #: with target = "syslog": the socket (a path, or "host:port" for UDP) and facility
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = field(default="mail", metadata=_parse(_choice(
+        "mail", "daemon", "user", "local0", "local1", "local2", "local3", "local4", "local5",
+        "local6", "local7")))
 
 
 @dataclass(frozen=True)

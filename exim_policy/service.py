@@ -142,21 +142,33 @@ class PolicyService:
 
 
 def log_decision(request: Request, evaluation: Evaluation) -> None:
+    """One line per message; its fields also as ``record.fields`` (logging.format = json)."""
     d, env = evaluation.decision, evaluation.envelope
     scan = d.scan
     level = logging.WARNING if d.failure is not None else logging.INFO
     if not log.isEnabledFor(level):
         return
     account = d.account
+    user = printable(env.user) if env.user is not None else None
+    rspamd = scan.action if scan else "SKIPPED" if d.failure is None else "FAILED"
+    fields = {
+        "qid": env.queue_id, "proto": f"{request.protocol}/{request.command}",
+        "traffic": d.traffic.value, "user": user, "ip": env.ip,
+        "rcpts": len(env.recipients), "forwarding": len(d.forwarding), "rspamd": rspamd,
+        "score": scan.score if scan else None,
+        "required_score": scan.required_score if scan else None,
+        "final": d.action, "defer": d.defer, "would": d.would,
+        "account": account.account if account else None,
+        "account_status": account.status.value if account else None,
+        "ms": round(evaluation.elapsed * 1000, 1), "reason": d.reason,
+    }
     log.log(level,
-            "qid=%s proto=%s/%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
-            "rspamd=%s score=%s final=%s%s%s account=%s ms=%.1f reason=%s",
-            env.queue_id or "-", request.protocol, request.command, d.traffic.value,
-            printable(env.user) if env.user is not None else "-", env.ip or "-",
-            len(env.recipients), len(d.forwarding),
-            repr(scan.action) if scan else "SKIPPED" if d.failure is None else "FAILED",
+            "qid=%s proto=%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
+            "rspamd=%s score=%s final=%r%s%s account=%s ms=%.1f reason=%s",
+            env.queue_id or "-", fields["proto"], d.traffic.value, user or "-", env.ip or "-",
+            len(env.recipients), len(d.forwarding), repr(rspamd) if scan else rspamd,
             f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
-            repr(d.action), " (no answer: defer)" if d.defer else "",
+            d.action, " (no answer: defer)" if d.defer else "",
             f" would={d.would!r}" if d.would is not None else "",
             f"{account.account}:{account.status.value}" if account else "-",
-            evaluation.elapsed * 1000, d.reason)
+            evaluation.elapsed * 1000, d.reason, extra={"fields": fields})

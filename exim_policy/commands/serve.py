@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import config as config_mod
     from .. import daemon
+    from ..logs import start_logging
 
     config = config_mod.load(args.config)
-    listener = start_logging(config.logging.level)
+    listener = start_logging(config.logging)
     new_loop = loop_factory(config.server.event_loop)
     loop = new_loop()
     try:
@@ -54,22 +55,3 @@ def run(args: argparse.Namespace) -> int:
         loop.close()
         listener.stop()  # flushes what is still queued
     return 0
-
-
-def start_logging(level: str):
-    """Log records are queued on the event loop's thread and written by a listener
-    thread: a slow stderr (a full pipe to journald) must not stall request handling."""
-    import logging
-    import logging.handlers
-    import queue
-    import sys
-
-    records: queue.SimpleQueue = queue.SimpleQueue()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    root.addHandler(logging.handlers.QueueHandler(records))
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
-    return listener

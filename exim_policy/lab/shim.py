@@ -32,7 +32,7 @@ class ShimLab:
                  forwarding: Iterable[str] = (), relay_networks: Iterable[str] = (),
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
-                 log_level: str = "info", server: Mapping[str, object] | None = None,
+                 log_level: str = "info", log_format: str = "text", server: Mapping[str, object] | None = None,
                  quarantine: Mapping[str, object] | None = None) -> None:
         """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own.
         ``quarantine``: run the quarantine receiver (on :attr:`quarantine_port`, its store
@@ -58,7 +58,7 @@ class ShimLab:
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
             "outbound": {"relay_networks": list(relay_networks)},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
-            "logging": {"level": log_level},
+            "logging": {"level": log_level, "format": log_format},
             "quarantine": {"listen": [f"{LOOPBACK}:{self.quarantine_port}"],
                            "path": str(self.quarantine_path), **quarantine}
             if quarantine is not None else {"listen": []},
