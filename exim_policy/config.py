@@ -321,7 +321,19 @@ class RspamdConfig:
 
 @dataclass(frozen=True)
 class OutboundConfig:
+    #: clients whose unauthenticated mail is outbound: these networks, and those in
+    #: relay_networks_file
     relay_networks: tuple = field(default=(), metadata=_parse(_networks))
+    #: the same list for both sides: one address or network per line, read at start by
+    #: the shim and by Exim (EXIM_POLICY_RELAY_HOSTS = <this path>: a host list item
+    #: that is a file name); "" = none
+    relay_networks_file: str = ""
+    #: what relay_networks_file held when the configuration was loaded (not a key)
+    file_networks: tuple = field(default=(), metadata={"derived": True})
+
+    @property
+    def all_relay_networks(self) -> tuple:
+        return self.relay_networks + self.file_networks
     #: Rspamd actions that mean "outbound spam"; answered as reject (-> quarantine redirect)
     spam_actions: tuple[str, ...] = field(default=("reject",), metadata=_parse(_actions))
 
@@ -578,6 +590,8 @@ def _write_table(table: object, path: str, header: str | None, lines: list[str])
     and arrays of tables (TOML wants the keys of a table before any subtable)."""
     scalars, subtables, arrays = [], [], []
     for f in dataclasses.fields(table):  # type: ignore[arg-type]
+        if f.metadata.get("derived"):
+            continue
         value = getattr(table, f.name)
         key = _join(path, f.name)
         if _is_section(value):
@@ -634,9 +648,42 @@ def from_dict(data: dict) -> Config:
                 errors.append(f"{what}[{i}].{exc}")
     if len({limit.window for limit in config.accounts.limits}) < len(config.accounts.limits):
         errors.append("accounts.limits: two limits with the same window (merge them)")
+    if config.outbound.relay_networks_file:
+        try:
+            config = dataclasses.replace(config, outbound=dataclasses.replace(
+                config.outbound,
+                file_networks=read_networks_file(config.outbound.relay_networks_file)))
+        except ConfigError as exc:
+            errors.extend(exc.errors)
     if errors:
         raise ConfigError(*errors)
     return config
+
+
+def read_networks_file(path: str) -> tuple:
+    """Exim's rules for a file in a host list: one item per line, blank lines and lines
+    starting with ``#`` skipped, `` #`` starts a comment. The shim reads only addresses
+    and networks (Exim would also take host names and wildcards: they are errors here,
+    so the two sides cannot disagree on what the list holds)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"outbound.relay_networks_file: cannot read {path}: "
+                          f"{exc.strerror or exc}") from None
+    nets, errors = [], []
+    for number, line in enumerate(lines, 1):
+        item = line.split(" #", 1)[0].split("\t#", 1)[0].strip()
+        if not item or item.startswith("#"):
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            errors.append(f"outbound.relay_networks_file: {path} line {number}: {item!r} is "
+                          "not an IP address or network")
+    if errors:
+        raise ConfigError(*errors)
+    return tuple(nets)
 
 
 def _join(path: str, key: str) -> str:
@@ -650,7 +697,7 @@ def _build(cls, data: object, path: str, errors: list[str]):
         errors.append(f"{path or 'config'}: expected a table")
         return cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for name in sorted(set(data) - set(fields)):
         errors.append(f"{_join(path, name)}: unknown key (known: {', '.join(sorted(fields))})")
     values = {}

@@ -55,7 +55,7 @@ def classify(envelope: Envelope, context: Context, config: Config) -> tuple[Traf
     if envelope.user is not None:
         who = envelope.user or "an unknown id"
         return Traffic.OUTBOUND, f"authenticated as {who}"
-    relay = _relay_network(envelope.ip, config.outbound.relay_networks)
+    relay = _relay_network(envelope.ip, config.outbound.all_relay_networks)
     if relay is not None:
         return Traffic.OUTBOUND, f"client {envelope.ip} is in relay network {relay}"
     if context.forwarding:

@@ -182,8 +182,8 @@ def test_example_config_is_valid_and_complete():
     def missing(cls, table, prefix):
         for f in dataclasses.fields(cls):
             key = prefix + f.name
-            if f.name in ("sources", "limits"):
-                continue  # lists of tables, shown commented out
+            if f.name in ("sources", "limits") or f.metadata.get("derived"):
+                continue  # lists of tables, shown commented out; not keys
             if dataclasses.is_dataclass(f.type) or (
                     isinstance(f.default, object) and dataclasses.is_dataclass(f.default)):
                 yield from missing(type(f.default), table.get(f.name, {}), key + ".")
@@ -216,3 +216,30 @@ def test_query_command_does_not_import_the_other_commands():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60).stdout
     assert out.strip() == "['exim_policy.commands.query']"
+
+
+def test_relay_networks_file_is_read_with_exims_rules(tmp_path):
+    path = tmp_path / "relays"
+    path.write_text("# ours\n192.0.2.10\n\n2001:db8::/32   # v6 office\n\t198.51.100.0/24\n")
+    config = from_dict({"outbound": {"relay_networks": ["203.0.113.0/24"],
+                                     "relay_networks_file": str(path)}})
+    assert [str(n) for n in config.outbound.all_relay_networks] == [
+        "203.0.113.0/24", "192.0.2.10/32", "2001:db8::/32", "198.51.100.0/24"]
+    text = to_toml(config)
+    assert "file_networks" not in text and from_dict(tomllib.loads(text)) == config
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict({"outbound": {"file_networks": []}})
+
+
+def test_relay_networks_file_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "relays"
+    path.write_text("192.0.2.10\nrelay.example.net\n*.example.org\n")
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"outbound": {"relay_networks_file": str(path)}})
+    assert caught.value.errors == (
+        f"outbound.relay_networks_file: {path} line 2: 'relay.example.net' is not an IP "
+        "address or network",
+        f"outbound.relay_networks_file: {path} line 3: '*.example.org' is not an IP address "
+        "or network")
+    with pytest.raises(ConfigError, match="cannot read .*: No such file"):
+        from_dict({"outbound": {"relay_networks_file": str(tmp_path / "none")}})

@@ -30,6 +30,7 @@ class ShimLab:
 
     def __init__(self, workdir: str | os.PathLike, *, rspamd_url: str,
                  forwarding: Iterable[str] = (), relay_networks: Iterable[str] = (),
+                 relay_networks_file: str = "",
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
                  log_level: str = "info", log_format: str = "text", server: Mapping[str, object] | None = None,
@@ -56,7 +57,8 @@ class ShimLab:
                        "http_listen": [f"{LOOPBACK}:{self.http_port}"] if self.http_port else [],
                        **(server or {})},
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
-            "outbound": {"relay_networks": list(relay_networks)},
+            "outbound": {"relay_networks": list(relay_networks),
+                         "relay_networks_file": relay_networks_file},
             "forwarding": {"map": str(self.map_path), "reload_interval": 0.2},
             "logging": {"level": log_level, "format": log_format},
             "quarantine": {"listen": [f"{LOOPBACK}:{self.quarantine_port}"],
