@@ -25,6 +25,7 @@ import signal
 import smtplib
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from typing import Any
 
 NAME = "demo"
 HELP = "run Rspamd, the shim, Exim and an SMTP sink on loopback and show the outcomes"
+#: set by SIGINT/SIGTERM (see run())
+INTERRUPTED = threading.Event()
 
 #: binary -> Debian package that provides it
 REQUIRED_BINARIES = {
@@ -121,11 +124,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"exim-policy demo: {problem}", file=sys.stderr)
         return 2
 
-    # SIGTERM must unwind like Ctrl-C, so that the finally blocks stop the daemons
-    def _terminate(_signum: int, _frame: object) -> None:
+    # SIGTERM must unwind like Ctrl-C, so that the finally blocks stop the daemons. Both
+    # are remembered too: the KeyboardInterrupt can be lost on the way (smtplib's
+    # "with" block says QUIT, reads the reply the interrupted DATA left unread and raises
+    # that instead), so the scenario loop asks INTERRUPTED as well
+    def _interrupt(_signum: int, _frame: object) -> None:
+        INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(keep=args.keep)
     except KeyboardInterrupt:
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------- messages --
@@ -591,6 +599,8 @@ def _main(keep: bool) -> int:
                     outcome = scenario.action(stack)
                 except (OSError, smtplib.SMTPException, TimeoutError, LabError,
                         RuntimeError) as exc:
+                    if INTERRUPTED.is_set():  # the interrupt, hidden by another exception
+                        raise KeyboardInterrupt from exc
                     results.append((scenario, None, False, f"error: {exc}"))
                     continue
                 ok = outcome.code == scenario.code and (
