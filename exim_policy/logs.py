@@ -3,9 +3,10 @@ event loop's thread.
 
 Records are queued where they are made and written by a listener thread, so a slow
 target (a full pipe to journald, a syslog socket that blocks) never stalls request
-handling. A record may carry structured fields in ``record.fields`` (the decision line
-does: ``log.info(text, *args, extra={"fields": {...}})``); the JSON format writes them
-as keys of their own, the text format only the message.
+handling. A record may carry structured fields in ``record.fields``: a dict, or a
+function returning one, called by the writer's thread only when the format needs it (the
+decision line does that: ``log.info(text, *args, extra={"fields": lambda: {...}})``); the
+JSON format writes them as keys of their own, the text format only the message.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class JsonFormatter(logging.Formatter):
         doc = {"time": _iso_time(record.created), "level": record.levelname.lower(),
                "logger": record.name, "message": record.getMessage()}
         fields = getattr(record, "fields", None)
+        if callable(fields):
+            fields = fields()
         if isinstance(fields, dict):
             doc.update(fields)
         if record.exc_info:

@@ -124,7 +124,6 @@ class PolicyService:
             return spamc.build_reply(request, decision)
         return rspamc.build_reply(decision)
 
-
     async def handle_http(self, request: Request) -> checkv2.Reply:
         """The reply to a ``/checkv2`` or ``/ping`` request (the HTTP front). A deferred
         decision (``failure.* = "defer"``) is a 503 with Rspamd's error shape: the client
@@ -142,19 +141,44 @@ class PolicyService:
 
 
 def log_decision(request: Request, evaluation: Evaluation) -> None:
-    """One line per message; its fields also as ``record.fields`` (logging.format = json)."""
+    """One line per message. Its fields (logging.format = json) are built by the log
+    writer's thread, only when it needs them: nothing of that on the event loop."""
     d, env = evaluation.decision, evaluation.envelope
     scan = d.scan
     level = logging.WARNING if d.failure is not None else logging.INFO
     if not log.isEnabledFor(level):
         return
     account = d.account
-    user = printable(env.user) if env.user is not None else None
-    rspamd = scan.action if scan else "SKIPPED" if d.failure is None else "FAILED"
-    fields = {
-        "qid": env.queue_id, "proto": f"{request.protocol}/{request.command}",
-        "traffic": d.traffic.value, "user": user, "ip": env.ip,
-        "rcpts": len(env.recipients), "forwarding": len(d.forwarding), "rspamd": rspamd,
+    proto = f"{request.protocol}/{request.command}"
+    log.log(level,
+            "qid=%s proto=%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
+            "rspamd=%s score=%s final=%r%s%s account=%s ms=%.1f reason=%s",
+            env.queue_id or "-", proto, d.traffic.value,
+            printable(env.user) if env.user is not None else "-", env.ip or "-",
+            len(env.recipients), len(d.forwarding),
+            repr(scan.action) if scan else _unscanned(d),
+            f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
+            d.action, " (no answer: defer)" if d.defer else "",
+            f" would={d.would!r}" if d.would is not None else "",
+            f"{account.account}:{account.status.value}" if account else "-",
+            evaluation.elapsed * 1000, d.reason,
+            # the request itself is not kept: its body would live until the line is written
+            extra={"fields": lambda: decision_fields(proto, evaluation)})
+
+
+def _unscanned(decision: Decision) -> str:
+    return "SKIPPED" if decision.failure is None else "FAILED"
+
+
+def decision_fields(proto: str, evaluation: Evaluation) -> dict:
+    """The decision line as keys (the JSON log format)."""
+    d, env = evaluation.decision, evaluation.envelope
+    scan, account = d.scan, d.account
+    return {
+        "qid": env.queue_id, "proto": proto, "traffic": d.traffic.value,
+        "user": printable(env.user) if env.user is not None else None, "ip": env.ip,
+        "rcpts": len(env.recipients), "forwarding": len(d.forwarding),
+        "rspamd": scan.action if scan else _unscanned(d),
         "score": scan.score if scan else None,
         "required_score": scan.required_score if scan else None,
         "final": d.action, "defer": d.defer, "would": d.would,
@@ -162,13 +186,3 @@ def log_decision(request: Request, evaluation: Evaluation) -> None:
         "account_status": account.status.value if account else None,
         "ms": round(evaluation.elapsed * 1000, 1), "reason": d.reason,
     }
-    log.log(level,
-            "qid=%s proto=%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
-            "rspamd=%s score=%s final=%r%s%s account=%s ms=%.1f reason=%s",
-            env.queue_id or "-", fields["proto"], d.traffic.value, user or "-", env.ip or "-",
-            len(env.recipients), len(d.forwarding), repr(rspamd) if scan else rspamd,
-            f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
-            d.action, " (no answer: defer)" if d.defer else "",
-            f" would={d.would!r}" if d.would is not None else "",
-            f"{account.account}:{account.status.value}" if account else "-",
-            evaluation.elapsed * 1000, d.reason, extra={"fields": fields})
