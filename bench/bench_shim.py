@@ -1,9 +1,17 @@
 """Throughput, latency and CPU: Exim-style requests through the shim vs. straight to Rspamd.
 
 Both paths get the same bytes (the exact ``CHECK RSPAMC/1.3`` request Exim sends, mbox-wrapped
-body, one connection per message) at the same concurrency, in alternating rounds of one run,
-so machine noise hits both alike. Prints messages/s, p50/p99 latency, the throughput ratio
-shim/direct, and CPU seconds per message of the shim process vs. Rspamd's processes.
+body, one connection per message) at the same concurrency, in alternating rounds of one run
+(the order rotates from round to round), so machine noise hits both alike. Prints
+messages/s, p50/p99 latency, the throughput ratio shim/direct, and CPU seconds per message
+of the shim process vs. Rspamd's processes.
+
+``--metrics``: two more shims run beside the first (no metrics, text logs) in the same
+alternating rounds: one with ``[metrics]`` on, one with ``[metrics]`` on and JSON logs.
+Each prints its CPU per message; a metered shim is scraped before and after each of its
+rounds (its counters must have moved by exactly the messages sent; the scrape after the
+round is in its CPU figure). It also times the metrics calls themselves in this process: the counting per
+message, a ``labels()`` lookup, one scrape.
 
 Run as root (Rspamd runs as _rspamd):  .venv/bin/python bench/bench_shim.py [--messages 2000]
 """
@@ -17,6 +25,8 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -93,6 +103,51 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000
 
 
+def messages_counted(url: str) -> float:
+    """exim_policy_messages_total summed over its labels, scraped from ``url``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "exim_policy_messages_total")
+
+
+def micro_metrics(number: int = 200_000) -> None:
+    """The metrics calls on their own, in this process (no I/O): per call, in µs."""
+    from exim_policy.config import from_dict
+    from exim_policy.metrics import Metrics
+    from exim_policy.model import Decision, Envelope, ScanResult, Traffic
+    from exim_policy.service import Evaluation
+
+    metrics = Metrics()
+    metrics.instrument(from_dict({}))
+    scan = ScanResult("no action", 1.0, 15.0)
+    evaluation = Evaluation(Envelope(), Decision("no action", Traffic.INBOUND, "", scan=scan),
+                            0.004, 0.003)
+    counter = metrics._messages.metric
+    per_message = timeit.timeit(lambda: metrics.message("rspamc", evaluation), number=number)
+    labels = timeit.timeit(lambda: counter.labels("rspamc", "inbound", "no action", "no action"),
+                           number=number)
+    inc = timeit.timeit(metrics._messages["rspamc", Traffic.INBOUND, "no action",
+                                          "no action"].inc, number=number)
+    empty = timeit.timeit(lambda: None, number=number)
+    for protocol in ("rspamc", "spamc", "http"):  # a registry of a busy daemon's size
+        for traffic in Traffic:
+            for action in ("no action", "add header", "reject", "soft reject"):
+                metrics._messages[protocol, traffic, action, action].inc()
+    scrapes = 200
+    scrape = timeit.timeit(lambda: asyncio.run(metrics.scrape()), number=scrapes)
+    loop_only = timeit.timeit(lambda: asyncio.run(asyncio.sleep(0)), number=scrapes)
+    size = len(asyncio.run(metrics.scrape()).body)
+    print(f"  metrics calls (this process, {number} calls each): Metrics.message "
+          f"{(per_message - empty) / number * 1e6:.2f} µs per message; labels() "
+          f"{(labels - empty) / number * 1e6:.2f} µs (kept children avoid it); a child's "
+          f"inc() {(inc - empty) / number * 1e6:.2f} µs")
+    print(f"  one scrape (generate_latest, {size} bytes): "
+          f"{(scrape - loop_only) / scrapes * 1000:.3f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=2000, help="per path, over all rounds")
@@ -104,40 +159,65 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=0,
                     help="connections held open to the shim meanwhile, half of them silent, "
                          "half having sent one byte (a slowloris)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also shims with [metrics] on (text logs, JSON logs), side by side")
     args = ap.parse_args()
+    if args.metrics:
+        micro_metrics()
 
     payloads = [exim_request(i, args.paragraphs) for i in range(args.messages // args.rounds)]
     with tempfile.TemporaryDirectory(prefix="exim-policy-bench-") as workdir, \
             Lab(workdir) as lab:
         shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
         shim.start()
+        shims = {"shim": shim}
+        if args.metrics:
+            for name, log_format in (("shim+metrics", "text"), ("shim+metrics+json", "json")):
+                shims[name] = ShimLab(os.path.join(workdir, name), rspamd_url=lab.rspamd.url,
+                                      log_level=args.log_level, log_format=log_format,
+                                      metrics={})
+                shims[name].start()
         idle = [socket.create_connection(("127.0.0.1", shim.port)) for _ in range(args.idle)]
         for sock in idle[::2]:
             sock.sendall(b"C")
         try:
             rspamd_pids = group_members(lab.rspamd.process.pid)  # master + workers
-            results = {"direct": ([], 0.0, 0.0), "shim": ([], 0.0, 0.0)}
-            shim_cpu = rspamd_cpu_in_shim_phase = shim_sys = 0.0
-            # warm-up both paths (first scans after start are slower)
+            results = {name: ([], 0.0, 0.0) for name in ("direct", *shims)}
+            cpu = {name: [0.0, 0.0, 0.0] for name in shims}  # shim, its system part, Rspamd
+            # warm-up every path (first scans after start are slower)
             asyncio.run(run_round(lab.rspamd.port, payloads[:50], args.concurrency))
-            asyncio.run(run_round(shim.port, payloads[:50], args.concurrency))
-            for _ in range(args.rounds):
-                for name, port in (("direct", lab.rspamd.port), ("shim", shim.port)):
-                    c_shim, c_rspamd = cpu_seconds([shim.proc.pid]), cpu_seconds(rspamd_pids)
-                    c_sys = cpu_times([shim.proc.pid])[1]
+            for one_shim in shims.values():
+                asyncio.run(run_round(one_shim.port, payloads[:50], args.concurrency))
+            names = list(results)
+            for r in range(args.rounds):
+                # each path in turn takes each place in a round: no path always follows
+                # the same one
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    port = shims[name].port if name in shims else lab.rspamd.port
+                    pid = shims[name].proc.pid if name in shims else shim.proc.pid
+                    metered = name in shims and shims[name].metrics_port is not None
+                    counted = messages_counted(shims[name].metrics_url) if metered else 0.0
+                    c_shim, c_rspamd = cpu_seconds([pid]), cpu_seconds(rspamd_pids)
+                    c_sys = cpu_times([pid])[1]
                     elapsed, lat = asyncio.run(run_round(port, payloads, args.concurrency))
-                    d_shim = cpu_seconds([shim.proc.pid]) - c_shim
+                    if metered:  # (this scrape is in the round's CPU figure)
+                        moved = messages_counted(shims[name].metrics_url) - counted
+                        if moved != len(payloads):
+                            raise SystemExit(f"metrics: {moved:g} messages counted, "
+                                             f"{len(payloads)} sent")
+                    d_shim = cpu_seconds([pid]) - c_shim
                     d_rspamd = cpu_seconds(rspamd_pids) - c_rspamd
                     lats, total, _ = results[name]
                     results[name] = (lats + lat, total + elapsed, 0.0)
-                    if name == "shim":
-                        shim_cpu += d_shim
-                        shim_sys += cpu_times([shim.proc.pid])[1] - c_sys
-                        rspamd_cpu_in_shim_phase += d_rspamd
+                    if name in shims:
+                        cpu[name][0] += d_shim
+                        cpu[name][1] += cpu_times([pid])[1] - c_sys
+                        cpu[name][2] += d_rspamd
         finally:
             for sock in idle:
                 sock.close()
-            shim.stop()
+            for one_shim in shims.values():
+                one_shim.stop()
 
     print(f"messages per path: {len(payloads) * args.rounds}  concurrency: {args.concurrency}"
           f"  rounds: {args.rounds}  message: {len(payloads[0])} bytes  cores: {os.cpu_count()}"
@@ -145,15 +225,22 @@ def main() -> int:
     rates = {}
     for name, (lats, total, _) in results.items():
         rates[name] = len(lats) / total
-        print(f"  {name:6s} {rates[name]:7.1f} msg/s   p50 {pct(lats, 50):6.2f} ms"
+        print(f"  {name:17s} {rates[name]:7.1f} msg/s   p50 {pct(lats, 50):6.2f} ms"
               f"   p99 {pct(lats, 99):6.2f} ms")
     n = len(payloads) * args.rounds
     print(f"  throughput ratio shim/direct: {rates['shim'] / rates['direct']:.3f}")
-    print(f"  CPU per message: shim {shim_cpu / n * 1000:.3f} ms, Rspamd "
-          f"{rspamd_cpu_in_shim_phase / n * 1000:.3f} ms -> shim/Rspamd "
-          f"{shim_cpu / max(rspamd_cpu_in_shim_phase, 1e-9) * 100:.1f} %"
-          f"  (shim: {(shim_cpu - shim_sys) / n * 1000:.3f} ms user +"
-          f" {shim_sys / n * 1000:.3f} ms system)")
+    for name, (shim_cpu, shim_sys, rspamd_cpu) in cpu.items():
+        print(f"  CPU per message: {name} {shim_cpu / n * 1000:.3f} ms, Rspamd "
+              f"{rspamd_cpu / n * 1000:.3f} ms -> shim/Rspamd "
+              f"{shim_cpu / max(rspamd_cpu, 1e-9) * 100:.1f} %"
+              f"  (shim: {(shim_cpu - shim_sys) / n * 1000:.3f} ms user +"
+              f" {shim_sys / n * 1000:.3f} ms system)")
+    plain = cpu["shim"][0] / n
+    for name in ("shim+metrics", "shim+metrics+json"):
+        if name in cpu:
+            other = cpu[name][0] / n
+            print(f"  {name} vs shim: {(other - plain) * 1e6:+.1f} µs CPU per message "
+                  f"({(other / plain - 1) * 100:+.1f} %)")
     return 0
 
 

@@ -2,7 +2,7 @@
 # contrib/demo.sh [--keep] -- set this machine up (contrib/setup.sh: Debian packages and
 # .venv), then run `exim-policy demo`: Rspamd, the shim, Exim and an SMTP sink on loopback,
 # one message per scenario, and a table of where each ended up.  Run as root:
-#     sudo bash contrib/demo.sh
+#     bash contrib/demo.sh           (or, from another user: sudo bash contrib/demo.sh)
 # Exit status: the demo's (0 = every scenario as expected, 1 = one was not, 2 = cannot run).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

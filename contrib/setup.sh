@@ -16,7 +16,7 @@
 # Environment: PYTHON (default python3) creates the venv.
 set -euo pipefail
 
-PACKAGES=(rspamd exim4-daemon-heavy redis-server spamc swaks curl iproute2 strace python3-venv)
+PACKAGES=(rspamd exim4-daemon-heavy redis-server spamc swaks curl iproute2 strace python3-venv systemd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 VENV=$REPO/.venv

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # contrib/test.sh [pytest args...] -- set the machine up (contrib/setup.sh), then run the
 # test suite from the repo root and exit with pytest's status.  Run as root:
-#     sudo bash contrib/test.sh
+#     bash contrib/test.sh           (or, from another user: sudo bash contrib/test.sh)
 # "No tests collected" (pytest exit 5) counts as a failure: a filter that selects nothing
 # must not look like a green run.
 #

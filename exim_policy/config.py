@@ -251,6 +251,21 @@ def _release_via(value: object) -> str:
                      "the Exim ACLs do not scan, EXIM_POLICY_RELEASE_PORT)")
 
 
+#: longest public SMTP text: Exim adds a code and enhanced code, and a reply line is at
+#: most 512 bytes (RFC 5321 4.5.3.1.5)
+MAX_PUBLIC_TEXT = 400
+
+
+def _public_text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty text")
+    if not value.isprintable():
+        raise ValueError("a line break or control character is not allowed in an SMTP text")
+    if len(value.encode("utf-8")) > MAX_PUBLIC_TEXT:
+        raise ValueError(f"longer than {MAX_PUBLIC_TEXT} bytes")
+    return value.strip()
+
+
 def _parse(fn, show=None):
     """Field metadata: ``fn`` turns the raw TOML value into the field's value or raises;
     ``show`` turns the value back into what ``fn`` reads (when that is not the value)."""
@@ -363,9 +378,6 @@ class ForwardingConfig:
     #: inbound Rspamd actions that become reject when a recipient forwards externally
     spam_actions: tuple[str, ...] = field(
         default=("add header", "rewrite subject"), metadata=_parse(_actions))
-    #: the public 550 text for such spam; "" makes it the full reason (which names the
-    #: forwarding recipients and Rspamd's score: handy for admins, visible to the sender)
-    reject_message: str = ""
     #: how often the map file is checked for changes (seconds)
     reload_interval: float = field(default=2.0, metadata=_parse(_positive))
     local_domains: tuple[str, ...] = ()
@@ -449,8 +461,6 @@ class AccountsConfig:
     mode: str = field(default="enforce", metadata=_parse(_choice("enforce", "shadow")))
     #: the account of unauthenticated outbound mail from a relay network
     relay_key: str = field(default="ip", metadata=_parse(_choice("ip", "sender")))
-    #: the public text of the 451 for an account over a limit
-    throttle_message: str = "sending rate limit exceeded, please try again later"
     #: how long the incidents and audit trail of an account that sends nothing more are
     #: kept (held and locked accounts are kept until a human acts)
     history: float = field(default=30 * 86400.0, metadata=_parse(parse_duration, show=format_duration))
@@ -523,6 +533,37 @@ class HttpConfig:
                                metadata=_parse(_choice("reject", "soft reject")))
 
 
+def _text(default: str):
+    return field(default=default, metadata=_parse(_public_text))
+
+
+@dataclass(frozen=True)
+class TextsConfig:
+    """The texts the SMTP client sees (the bundled ACL's 550/451, the HTTP front's
+    ``smtp_message``). Nothing in them names a host, a port, a score, an internal
+    address or a config key; the full reason is in the log and in ``$spam_report``.
+    Rspamd's own SMTP message (a force_actions rule's, "Gtube pattern") is public by
+    Rspamd's design and is used instead of ``spam``/``soft_reject`` when it gives one.
+    Exim splits a reply text longer than about 75 characters (with its code) over several
+    lines: the defaults stay below that."""
+
+    #: inbound spam Rspamd rejects
+    spam: str = _text("Message rejected as spam")
+    #: inbound spam to a recipient that forwards to an external mailbox
+    forwarding: str = _text("Message rejected as spam (the recipient forwards externally)")
+    #: outbound spam, where the client sees it (the HTTP front's clients without a
+    #: quarantine; the bundled Exim config quarantines it and answers 250)
+    outbound: str = _text("Message rejected as suspected spam, please contact support")
+    #: Rspamd's own soft reject (greylisting, its rate limits)
+    soft_reject: str = _text("Please try again later")
+    #: the scanner (or the account store) failed and failure.* = "tempfail"
+    tempfail: str = _text("Message cannot be checked now, please try again later")
+    #: an account over one of its limits (451)
+    throttled: str = _text("Sending rate limit exceeded, please try again later")
+    #: an account on hold or locked (where the client sees it, as for ``outbound``)
+    held: str = _text("This account may not send mail now, please contact support")
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(default="info", metadata=_parse(_log_level))
@@ -539,6 +580,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``GET /metrics``, text format 0.0.4). Nothing is counted
+    when it is off (no listen address and not on the HTTP front)."""
+
+    #: listeners of its own (as server.listen); empty = none
+    listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
+    #: who may scrape them (TCP peers; a unix socket is guarded by server.unix_socket_mode)
+    allowed_clients: tuple = field(
+        default=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        metadata=_parse(_networks))
+    #: also answer ``GET /metrics`` on the HTTP front (server.http_listen), to the
+    #: clients server.allowed_clients lets in
+    http_front: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen) or self.http_front
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -548,9 +609,11 @@ class Config:
     failure: FailureConfig = FailureConfig()
     spamc: SpamcConfig = SpamcConfig()
     http: HttpConfig = HttpConfig()
+    texts: TextsConfig = TextsConfig()
     logging: LoggingConfig = LoggingConfig()
     accounts: AccountsConfig = AccountsConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def accounts_shadow(self) -> bool:
@@ -608,6 +671,21 @@ def _write_table(table: object, path: str, header: str | None, lines: list[str])
     for key, items in arrays:
         for item in items:
             _write_table(item, key, f"[[{key}]]", lines)
+
+
+def changed_keys(old: object, new: object, path: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configurations (a section's own
+    keys, recursively; an array of tables counts as one key; a derived field, such as the
+    relay networks read from ``relay_networks_file``, by its own name)."""
+    changed = []
+    for f in dataclasses.fields(old):  # type: ignore[arg-type]
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        key = _join(path, f.name)
+        if _is_section(before):
+            changed += changed_keys(before, after, key)
+        elif before != after:
+            changed.append(key)
+    return changed
 
 
 def _is_section(value: object) -> bool:
@@ -690,6 +768,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+#: keys that have a new home (a config naming the old one gets told where)
+_MOVED = {"forwarding.reject_message": "texts.forwarding",
+          "accounts.throttle_message": "texts.throttled"}
+
+
 def _build(cls, data: object, path: str, errors: list[str]):
     """``cls`` from ``data``; each problem is appended to ``errors`` and the field keeps
     its default, so one pass finds them all."""
@@ -699,7 +782,10 @@ def _build(cls, data: object, path: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for name in sorted(set(data) - set(fields)):
-        errors.append(f"{_join(path, name)}: unknown key (known: {', '.join(sorted(fields))})")
+        key = _join(path, name)
+        moved = _MOVED.get(key)
+        errors.append(f"{key}: moved to {moved}" if moved else
+                      f"{key}: unknown key (known: {', '.join(sorted(fields))})")
     values = {}
     for name, raw in data.items():
         if name not in fields:

@@ -1,21 +1,31 @@
 """``exim-policy serve``: wire config, forwarding map, scanner, service and listeners
-together and run until SIGTERM/SIGINT. SIGHUP re-reads the forwarding map at once."""
+together and run until SIGTERM/SIGINT. SIGHUP re-reads the configuration file (see
+:class:`Reloader`) and the forwarding map at once. Under systemd (``Type=notify``) the
+daemon says when it is ready, reloading and stopping."""
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
+import logging.handlers
 import resource
 import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from .config import Config, ConfigError, format_duration
+from . import config as config_file
+from .config import Config, ConfigError, changed_keys, format_duration
 from .forwarding.watch import MapWatcher
+from .logs import handler_for, reconfigure_logging
+from .metrics import Metrics
 from .notify import Notifier
 from .quarantine.receiver import QuarantineReceiver
 from .quarantine.store import QuarantineError, QuarantineStore
 from .scanner.rspamd import RspamdScanner
+from .sdnotify import SystemdNotifier
 from .service import PolicyService
 from .state import StoreError, open_store
 from .state.tracker import AccountTracker
@@ -59,7 +69,12 @@ def tune_process(config: Config) -> None:
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, *, config_path: str | Path | None = None,
+              log_listener: logging.handlers.QueueListener | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. ``config_path``: the file SIGHUP re-reads (None: SIGHUP
+    only re-reads the forwarding map); ``log_listener``: the log writer a reload switches
+    to the new ``[logging]``."""
+    systemd = SystemdNotifier()
     tune_process(config)
     watcher = MapWatcher(config.forwarding.map, config.forwarding.reload_interval)
     await asyncio.to_thread(watcher.load_now)
@@ -74,12 +89,17 @@ async def run(config: Config) -> None:
                           config.server.unix_socket_mode,
                           accounts=accounts.status if accounts else None)
     quarantine = await open_quarantine(config, accounts)
+    metrics = Metrics.for_config(config)  # None: [metrics] off, nothing is counted
+    if metrics is not None:
+        metrics.instrument(config, service=service, listeners=(server, http), limits=limits,
+                           watcher=watcher, accounts=accounts, quarantine=quarantine)
     try:
         await server.start()
         await http.start()
         await queries.start()
         if quarantine is not None:
             await quarantine.start()
+        scrapes = await metrics.serve(config) if metrics is not None else None
     except BaseException:
         await close_accounts(accounts)
         await close_quarantine(quarantine)
@@ -90,9 +110,13 @@ async def run(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+    reloader = Reloader(config, config_path, Running(
+        service=service, listeners=(server, http), queries=queries, watcher=watcher,
+        accounts=accounts, quarantine=quarantine, log_listener=log_listener),
+        systemd=systemd, metrics=metrics)
 
     def reload_now() -> None:
-        task = loop.create_task(watcher.reload_if_changed())
+        task = loop.create_task(reloader.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -107,9 +131,12 @@ async def run(config: Config) -> None:
              ", ".join(str(a) for a in config.server.query_listen) or "(off)",
              config.rspamd.url, config.forwarding.map, len(watcher.current),
              _accounts_summary(config), _quarantine_summary(config))
+    systemd.ready(f"serving on {', '.join(str(a) for a in config.server.listen)}")
     try:
         await stop.wait()
     finally:
+        systemd.stopping()
+        config = reloader.config  # the grace period in force
         log.info("stopping: no new connections; finishing the requests open, arriving or "
                  "being scanned (up to %gs)", config.server.shutdown_timeout)
         watch.cancel()
@@ -118,6 +145,8 @@ async def run(config: Config) -> None:
                 task.cancel()
         await queries.stop()
         await asyncio.gather(server.stop(), http.stop())  # one grace period for both
+        if scrapes is not None:
+            await scrapes.stop(1.0)
         await close_quarantine(quarantine)
         await close_accounts(accounts)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -194,8 +223,8 @@ async def close_quarantine(quarantine: QuarantineReceiver | None) -> None:
 
 async def _purge_hourly(quarantine: QuarantineReceiver) -> None:
     """quarantine.retention, applied by the daemon (``quarantine purge`` does it by hand)."""
-    retention = quarantine.config.quarantine.retention
     while True:
+        retention = quarantine.config.quarantine.retention  # a reload may change it
         try:
             gone = await quarantine.thread.call(quarantine.store.purge, time.time() - retention)
         except Exception as exc:  # a disk or index problem: say so, try again next hour
@@ -222,3 +251,136 @@ def _accounts_summary(config: Config) -> str:
     where = accounts.path if accounts.store == "sqlite" else (
         accounts.redis_url if accounts.store == "redis" else "memory")
     return f"{accounts.mode} ({accounts.store}: {where})"
+
+
+# ------------------------------------------------------------------------------- reload --
+#: what a running daemon keeps until it is restarted: its sockets, what it sized or opened
+#: at start (connection and scan limits, the account store, the quarantine store, the
+#: metrics listener), and what lives in them (an account store counts for the limits and
+#: the incident window it was opened with; the notifier's queue for its channels)
+RESTART_KEYS = (
+    "server.listen", "server.http_listen", "server.query_listen", "server.unix_socket_mode",
+    "server.event_loop", "server.max_connections", "server.max_bytes_in_flight",
+    "server.max_scans",
+    "accounts.enabled", "accounts.store", "accounts.path", "accounts.redis_url",
+    "accounts.redis_prefix", "accounts.limits", "accounts.incident", "accounts.history",
+    "accounts.notify",
+    "quarantine.listen", "quarantine.path",
+    "metrics",
+)
+
+
+def needs_restart(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESTART_KEYS)
+
+
+def in_force(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a reload from ``old`` to ``new`` puts in force: ``new``, with the old value of
+    every changed key that needs a restart; and the changed keys applied and kept."""
+    changed = changed_keys(old, new)
+    kept = [key for key in changed if needs_restart(key)]
+    for key in kept:
+        new = _with_value(new, key.split("."), _value(old, key.split(".")))
+    return new, [key for key in changed if key not in kept], kept
+
+
+def _value(table: object, path: list[str]) -> object:
+    for name in path:
+        table = getattr(table, name)
+    return table
+
+
+def _with_value(table, path: list[str], value: object):
+    if len(path) == 1:
+        return dataclasses.replace(table, **{path[0]: value})
+    inner = _with_value(getattr(table, path[0]), path[1:], value)
+    return dataclasses.replace(table, **{path[0]: inner})
+
+
+@dataclass
+class Running:
+    """The parts of a serving daemon a reload reconfigures."""
+
+    service: PolicyService
+    listeners: tuple
+    queries: QueryServer
+    watcher: MapWatcher
+    accounts: AccountTracker | None
+    quarantine: QuarantineReceiver | None
+    log_listener: logging.handlers.QueueListener | None
+
+
+class Reloader:
+    """SIGHUP: re-read the configuration file and put it in force, or keep the old one.
+
+    The new file is read and validated off the event loop, as ``check-config`` does it; on
+    any error the configuration in force stays, and the log names every error. A valid
+    one is applied by swapping references: each connection keeps the settings it started
+    with, new connections and messages get the new ones, nothing is dropped. Changed keys
+    that need a restart (:data:`RESTART_KEYS`) keep their old value, and the log names
+    them. The forwarding map is re-read either way. Reloads run one at a time.
+    """
+
+    def __init__(self, config: Config, path: str | Path | None, running: Running, *,
+                 systemd: SystemdNotifier, metrics: Metrics | None) -> None:
+        self.config = config
+        self.path = path
+        self.running = running
+        self.systemd = systemd
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> bool:
+        """One SIGHUP; True when a configuration was read and put in force."""
+        async with self._lock:
+            self.systemd.reloading()
+            try:
+                applied = await self._reload_config() if self.path is not None else False
+                await self.running.watcher.reload_if_changed()
+            finally:
+                self.systemd.ready("serving (reloaded)" if applied else "serving")
+            return applied
+
+    async def _reload_config(self) -> bool:
+        try:
+            new = await asyncio.to_thread(config_file.load, self.path)
+            config, applied, kept = in_force(self.config, new)
+            writer = handler_for(config.logging) \
+                if config.logging != self.config.logging else None
+        except ConfigError as exc:
+            log.error("reload: %s has %d error(s); the configuration in force is kept: %s",
+                      self.path, len(exc.errors), "; ".join(exc.errors))
+            self._count(False)
+            return False
+        if writer is not None and self.running.log_listener is not None:
+            await asyncio.to_thread(reconfigure_logging, self.running.log_listener,
+                                    config.logging, writer)
+        self._apply(config)
+        self._count(True)
+        if kept:
+            log.warning("reload: changed, but kept as they are until a restart: %s",
+                        ", ".join(kept))
+        log.info("reload: %s in force; changed: %s", self.path,
+                 ", ".join(applied) or "nothing")
+        return True
+
+    def _apply(self, new: Config) -> None:
+        old, parts = self.config, self.running
+        service = parts.service
+        service.config = new
+        if (new.rspamd.url, new.rspamd.timeout) != (old.rspamd.url, old.rspamd.timeout):
+            service.scanner = RspamdScanner(new.rspamd.url, new.rspamd.timeout)
+        for listener in parts.listeners:
+            listener.config = new.server
+        parts.queries.allowed_clients = new.server.allowed_clients
+        parts.watcher.path = new.forwarding.map
+        parts.watcher.interval = new.forwarding.reload_interval
+        if parts.accounts is not None:
+            parts.accounts.config = new
+        if parts.quarantine is not None:
+            parts.quarantine.config = new
+        self.config = new
+
+    def _count(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.config_reloaded(ok)

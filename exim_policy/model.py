@@ -128,6 +128,8 @@ class ScanFailure:
     """The scanner gave no usable verdict (down, timeout, HTTP error, bad JSON)."""
 
     reason: str
+    #: the same in one word, for the metrics: a ScannerError's kind, or "no_slot"
+    kind: str = field(default="other", compare=False)
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ class Decision:
     forwarding: tuple[str, ...] = ()
     #: why the message was classified as it was ("authenticated as alice", ...)
     traffic_reason: str = ""
-    #: the public text for the SMTP reply (the first Message: line, Exim's 550 text) when it
-    #: should differ from ``reason``, which then follows it; None: the reason is the text
+    #: the public text of the SMTP reply (``[texts]``, or Rspamd's own message): the first
+    #: Message: line (Exim's 550/451 text), the HTTP front's smtp_message. None for actions
+    #: whose text no client sees (no action, add header, ...)
     message: str | None = None
     #: the account part (outbound mail with accounts on): its status and what to record
     account: "AccountOutcome | None" = None

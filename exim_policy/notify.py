@@ -24,9 +24,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import NotifyConfig
 from .state.base import Applied
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("exim_policy.notify")
 
@@ -168,6 +172,10 @@ def deliver_once(notice: Notice, config: NotifyConfig) -> list[str]:
 class Notifier:
     """The daemon's notices: ``send()`` queues, a worker thread delivers and retries."""
 
+    #: counts deliveries by channel and result (None: metrics off); set by
+    #: Metrics.instrument. Called from the worker thread: its counters are thread-safe
+    metrics: "Metrics | None" = None
+
     def __init__(self, config: NotifyConfig) -> None:
         self.config = config
         self._channels = channels(config)
@@ -236,19 +244,27 @@ class Notifier:
             self._retry(notice, index, attempt, name, exc)
             return
         self.sent += 1
+        self._count(name, "sent")
         log.info("notice sent: %s (%s)", notice.headline, name)
 
     def _retry(self, notice: Notice, index: int, attempt: int, name: str,
                exc: Exception) -> None:
         if attempt >= self.config.attempts or self._stopping:
             self.failed += 1
+            self._count(name, "failed")
             log.error("notice not delivered after %d attempt(s): %s (%s): %s", attempt,
                       notice.headline, name, exc)
             return
         delay = min(FIRST_RETRY * 3 ** (attempt - 1), LAST_RETRY)
+        self._count(name, "retried")
         log.warning("notice delivery failed, retrying in %gs: %s (%s): %s", delay,
                     notice.headline, name, exc)
         with self._wake:
             heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), notice,
                                         index, attempt + 1))
             self._wake.notify()
+
+    def _count(self, name: str, result: str) -> None:
+        if self.metrics is not None:
+            # the channel's kind is the first word of its name ("mail to ...", "webhook ...")
+            self.metrics.notification(name.split(None, 1)[0], result)

@@ -7,9 +7,9 @@ order Exim evaluates them:
 1. ``decision.defer``: the shim closes without an answer, so the ``defer ... !spam =
    nobody:true`` statement defers and Exim answers its own ``451 Temporary local problem -
    please try later``.
-2. ``soft reject`` (any direction): ``451 4.7.1 <reason>``.
+2. ``soft reject`` (any direction): ``451 4.7.1 <text>``.
 3. ``reject``, inbound (Traffic INBOUND or FORWARDING: not authenticated, not from a relay
-   host): ``550 5.7.1 <reason>`` at DATA, for all recipients.
+   host): ``550 5.7.1 <text>`` at DATA, for all recipients.
 4. ``reject``, outbound: accepted, ``acl_m_outspam = 1``, and the router in
    ``exim/routers.conf`` redirects every recipient to ``EXIM_POLICY_QUARANTINE``.
 5. ``add header`` / ``rewrite subject``, inbound: accepted with ``X-Spam-Flag: YES`` and
@@ -21,10 +21,10 @@ order Exim evaluates them:
    answered for a scanner that failed (``decision.failure``) carries
    ``X-Spam-Status: unscanned (scanner unavailable)`` instead.
 
-``<reason>`` is what the ACL copies into ``acl_m_ep_reason``: the text of the reply's first
-``Message:`` line (the shim's reason, or its custom message), cut to the length the reply
-builder keeps; when it is empty the ACL falls back to ``EXIM_POLICY_REJECT_TEXT`` /
-``EXIM_POLICY_TEMPFAIL_TEXT`` (their default texts are used here).
+``<text>`` is what the ACL copies into ``acl_m_ep_text``: the text of the reply's first
+``Message:`` line (the public text), cut to the length the reply builder keeps; when it is
+empty the ACL falls back to ``EXIM_POLICY_REJECT_TEXT`` / ``EXIM_POLICY_TEMPFAIL_TEXT``
+(their default texts are used here).
 
 Assumptions: Exim's ``EXIM_POLICY_RELAY_HOSTS`` lists the same networks as the shim's
 ``[outbound] relay_networks`` (main.conf asks for that), so "outbound" means the same on both
@@ -80,8 +80,8 @@ class EximOutcome:
         return self.outcome in ACCEPTED_AS_IS
 
 
-def acl_reason(decision: Decision) -> str:
-    """The text the ACL puts in ``acl_m_ep_reason``: the reply's first ``Message:`` line.
+def acl_text(decision: Decision) -> str:
+    """The text the ACL puts in ``acl_m_ep_text``: the reply's first ``Message:`` line.
 
     Same transformation as the reply builder (one line, UTF-8, cut at a character boundary),
     and, like the ACL's ``(.+)$``, empty when the line is empty.
@@ -95,16 +95,16 @@ def exim_outcome(decision: Decision, *, quarantine: str = DEFAULT_QUARANTINE) ->
     if decision.defer:
         return EximOutcome(TEMPFAIL, 451, f"451 {EXIM_DEFER_TEXT} (the shim sent no answer, "
                                           "so the spam condition deferred; the client retries)")
-    reason = acl_reason(decision)
+    text = acl_text(decision)
     outbound = decision.traffic is Traffic.OUTBOUND
     if decision.action == SOFT_REJECT:
-        return EximOutcome(TEMPFAIL, 451, f"451 4.7.1 {reason or DEFAULT_TEMPFAIL_TEXT} "
+        return EximOutcome(TEMPFAIL, 451, f"451 4.7.1 {text or DEFAULT_TEMPFAIL_TEXT} "
                                           "(tempfail at DATA; the client retries)")
     if decision.action == REJECT:
         if outbound:
             return EximOutcome(REDIRECTED, 250, f"accepted, redirected to {quarantine} "
                                                 "(acl_m_outspam=1)")
-        return EximOutcome(REJECTED, 550, f"550 5.7.1 {reason or DEFAULT_REJECT_TEXT} "
+        return EximOutcome(REJECTED, 550, f"550 5.7.1 {text or DEFAULT_REJECT_TEXT} "
                                           "(rejected at DATA)")
     if outbound:
         return EximOutcome(ACCEPTED, 250, "accepted unchanged (outbound: no X-Spam headers)")

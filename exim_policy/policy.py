@@ -142,13 +142,13 @@ def decide(envelope: Envelope, scan: ScanResult | ScanFailure | ScanSkipped, con
         verdict = _account_decision(verdict, envelope, scan, context.account, context, config,
                                     now)
     if config.policy.mode == "shadow" and isinstance(scan, ScanResult):
-        return _shadowed(verdict, scan)
+        return _shadowed(verdict, scan, config)
     return verdict
 
 
-def _shadowed(decision: Decision, scan: ScanResult) -> Decision:
-    """policy.mode = "shadow": Rspamd's verdict is the answer, with the text it would have
-    without the shim (the public message); the reason and an EXIM_POLICY_SHADOW symbol
+def _shadowed(decision: Decision, scan: ScanResult, config: Config) -> Decision:
+    """policy.mode = "shadow": Rspamd's verdict is the answer, with the public text it
+    would have without the shim; the reason and an EXIM_POLICY_SHADOW symbol
     say what the shim would have answered. What to record for the account stays (as
     shadow: accounts_shadow)."""
     if decision.action == scan.action:
@@ -156,7 +156,7 @@ def _shadowed(decision: Decision, scan: ScanResult) -> Decision:
     summary = f"Rspamd said {scan.action!r}, score {scan.score:.2f} / {scan.required_score:.2f}"
     return dataclasses.replace(
         decision, action=scan.action, would=decision.action, defer=False,
-        message=_rspamd_reason(scan, summary),
+        message=_rspamd_text(scan, config),
         reason=f"shadow mode, would answer {decision.action!r}: {decision.reason}",
         symbols=decision.symbols + (Symbol(SYM_SHADOW, 0.0, (decision.action,)),))
 
@@ -170,20 +170,22 @@ def _verdict(envelope: Envelope, scan: ScanResult | ScanFailure, context: Contex
     common = dict(traffic=traffic, forwarding=forwarding, traffic_reason=traffic_reason)
 
     if isinstance(scan, ScanFailure):
-        return _on_failure(scan, config.failure.for_traffic(traffic), symbols, common)
+        return _on_failure(scan, config.failure.for_traffic(traffic), symbols, common,
+                           config)
 
     action = scan.action
     summary = f"Rspamd said {action!r}, score {scan.score:.2f} / {scan.required_score:.2f}"
     if traffic is Traffic.OUTBOUND and action in config.outbound.spam_actions:
         return Decision(action=REJECT, scan=scan, symbols=symbols, **common,
-                        reason=f"outbound spam ({traffic_reason}): {summary}")
+                        reason=f"outbound spam ({traffic_reason}): {summary}",
+                        message=config.texts.outbound)
     if traffic is Traffic.FORWARDING and action in config.forwarding.spam_actions:
         return Decision(action=REJECT, scan=scan, symbols=symbols, **common,
                         reason="spam to a recipient that forwards externally ("
                                + ", ".join(forwarding) + f") is rejected: {summary}",
-                        message=config.forwarding.reject_message or None)
+                        message=config.texts.forwarding)
     return Decision(action=action, scan=scan, symbols=symbols, **common,
-                    reason=_rspamd_reason(scan, summary))
+                    reason=_rspamd_reason(scan, summary), message=_rspamd_text(scan, config))
 
 
 def _account_decision(verdict: Decision, envelope: Envelope,
@@ -192,7 +194,6 @@ def _account_decision(verdict: Decision, envelope: Envelope,
     """The verdict, contained (held, locked, throttled) as the account's state says, with
     the message event and incident transitions to record. Shadow mode records the same
     and answers the verdict: the reason says what would have happened."""
-    accounts = config.accounts
     shadow = config.accounts_shadow
     who = facts.account
     state = facts.state
@@ -201,11 +202,12 @@ def _account_decision(verdict: Decision, envelope: Envelope,
         outcome = AccountOutcome(who, status, None, shadow=shadow, store_failed=True)
         if status in (AccountStatus.HELD, AccountStatus.LOCKED):
             return _contained(verdict, status, f"account {who} is {status.value} (as last seen;"
-                              " the account store is unreachable)", outcome, shadow)
+                              " the account store is unreachable)", outcome, shadow,
+                              message=config.texts.held)
         if config.failure.accounts == "tempfail":
             return _contained(verdict, AccountStatus.THROTTLED, f"account store unreachable "
                               f"(failure.accounts = tempfail); account {who}", outcome, shadow,
-                              message="temporary local problem, please try again later")
+                              message=config.texts.tempfail)
         return _annotated(verdict, outcome, f"account {who}: store unreachable, not counted")
 
     state = as_seen(state, config)
@@ -226,11 +228,11 @@ def _account_decision(verdict: Decision, envelope: Envelope,
     if status is not AccountStatus.OK:
         ref = f": incident {incident.id}" if incident is not None else ""
         return _contained(verdict, status, f"account {who} is {status.value}{ref}", outcome,
-                          shadow)
+                          shadow, message=config.texts.held)
     if limit is not None:
         return _contained(verdict, AccountStatus.THROTTLED,
                           f"account {who} is over its limit of {limit}", outcome, shadow,
-                          message=accounts.throttle_message)
+                          message=config.texts.throttled)
     if transitions:
         step = transitions[0]
         would = "would open" if shadow else "opens"
@@ -279,9 +281,9 @@ def _annotated(verdict: Decision, outcome: AccountOutcome, note: str) -> Decisio
 
 
 def _contained(verdict: Decision, status: AccountStatus, why: str, outcome: AccountOutcome,
-               shadow: bool, message: str | None = None) -> Decision:
+               shadow: bool, message: str) -> Decision:
     """Held or locked: reject (the bundled config quarantines outbound "reject");
-    throttled: soft reject (451) with the public ``message``. In shadow mode the verdict
+    throttled: soft reject (451); either with the public ``message``. In shadow mode the verdict
     stands and the reason says what would have been answered."""
     action = SOFT_REJECT if status is AccountStatus.THROTTLED else REJECT
     if shadow:
@@ -293,7 +295,7 @@ def _contained(verdict: Decision, status: AccountStatus, why: str, outcome: Acco
 
 
 def _on_failure(failure: ScanFailure, mode: FailureMode, symbols: tuple[Symbol, ...],
-                common: dict) -> Decision:
+                common: dict, config: Config) -> Decision:
     symbols = symbols + (Symbol(SYM_SCANNER_FAILED, 0.0, (mode.value,)),)
     traffic = common["traffic"].value
     why = f"scanner unavailable ({failure.reason}); failure.{traffic} = {mode.value}"
@@ -301,7 +303,7 @@ def _on_failure(failure: ScanFailure, mode: FailureMode, symbols: tuple[Symbol, 
         return Decision(action=NO_ACTION, failure=failure, symbols=symbols, reason=why, **common)
     # "defer" sends no answer at all; the action is what the log shows
     return Decision(action=SOFT_REJECT, failure=failure, symbols=symbols, reason=why,
-                    defer=mode is FailureMode.DEFER, **common)
+                    defer=mode is FailureMode.DEFER, message=config.texts.tempfail, **common)
 
 
 def _context_symbols(traffic: Traffic, traffic_reason: str,
@@ -314,12 +316,29 @@ def _context_symbols(traffic: Traffic, traffic_reason: str,
     return tuple(symbols)
 
 
-def _rspamd_reason(scan: ScanResult, summary: str) -> str:
-    """Rspamd's own SMTP message when it gave one (e.g. "Gtube pattern"), else a summary."""
+def _rspamd_message(scan: ScanResult) -> str | None:
+    """Rspamd's own SMTP message, if it gave one (e.g. "Gtube pattern")."""
     for key, text in scan.messages:
         if key in ("smtp_message", "") and text:
-            return f"{text} ({summary})"
-    return summary
+            return text
+    return None
+
+
+def _rspamd_reason(scan: ScanResult, summary: str) -> str:
+    text = _rspamd_message(scan)
+    return f"{text} ({summary})" if text else summary
+
+
+def _rspamd_text(scan: ScanResult, config: Config) -> str | None:
+    """The public text for Rspamd's own verdict: its SMTP message (public by Rspamd's
+    design: it sends it to SMTP clients itself), else the configured text for a reject or
+    soft reject; None for actions the client never sees a text for."""
+    if scan.action not in (REJECT, SOFT_REJECT):
+        return None
+    text = _rspamd_message(scan)
+    if text:
+        return text
+    return config.texts.spam if scan.action == REJECT else config.texts.soft_reject
 
 
 def _relay_network(ip: str | None, networks: tuple) -> object | None:

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .config import Config
 from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped
@@ -22,6 +22,9 @@ from .scanner import Scanner, ScannerError
 from .scanner.rspamd import within
 from .state.tracker import AccountTracker
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 log = logging.getLogger("exim_policy.decision")
 
 
@@ -30,9 +33,15 @@ class Evaluation:
     envelope: Envelope
     decision: Decision
     elapsed: float
+    #: seconds Rspamd took to answer (or to fail); None: not scanned, or no scan slot
+    scan_elapsed: float | None = None
 
 
 class PolicyService:
+    #: counts each message once it is decided (None: metrics off); set by
+    #: :meth:`Metrics.instrument <exim_policy.metrics.Metrics.instrument>`
+    metrics: "Metrics | None" = None
+
     def __init__(self, config: Config, scanner: Scanner, forwards: Callable[[str], bool],
                  accounts: AccountTracker | None = None, *, record: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
@@ -48,6 +57,8 @@ class PolicyService:
         self.clock = clock
         #: scans under way at once (server.max_scans): each is a connection to Rspamd
         self._scan_slots = asyncio.Semaphore(config.server.max_scans)
+        #: scans under way now (a gauge of the metrics, read when scraped)
+        self.scanning = 0
 
     def context_for(self, envelope: Envelope) -> Context:
         return Context(forwarding=frozenset(r for r in envelope.recipients if self.forwards(r)))
@@ -66,11 +77,12 @@ class PolicyService:
             facts = await self.accounts.facts(account, envelope.recipients, now)
             context = dataclasses.replace(context, account=facts)
         scan: ScanResult | ScanFailure | ScanSkipped
+        scan_elapsed = None
         if not must_scan(envelope, context, self.config):
             scan = ScanSkipped("the account is over a limit")
         else:
-            scan = await self._scan(body, envelope,
-                                    self.config.rspamd.settings_id.for_traffic(traffic))
+            scan, scan_elapsed = await self._scan(
+                body, envelope, self.config.rspamd.settings_id.for_traffic(traffic))
             if context.account is not None and isinstance(scan, ScanResult) \
                     and scan.action in self.config.outbound.spam_actions:
                 # evidence for a notice is kept for spam only: read its Subject then
@@ -78,29 +90,39 @@ class PolicyService:
         decision = decide(envelope, scan, context, self.config, now)
         if self.record and self.accounts is not None and decision.account is not None:
             await self.accounts.record(decision)
-        return Evaluation(envelope, decision, time.monotonic() - started)
+        return Evaluation(envelope, decision, time.monotonic() - started, scan_elapsed)
 
     async def _scan(self, body: bytes | bytearray, envelope: Envelope,
-                    settings_id: str) -> ScanResult | ScanFailure:
+                    settings_id: str) -> tuple[ScanResult | ScanFailure, float | None]:
+        """The verdict, and how long Rspamd took (None: no scan slot, Rspamd not asked)."""
         try:
             await self._scan_slot()
         except TimeoutError:
             return ScanFailure(f"no free scan slot within {self.config.server.queue_timeout:g}s"
-                               f" (server.max_scans = {self.config.server.max_scans})")
+                               f" (server.max_scans = {self.config.server.max_scans})",
+                               "no_slot"), None
+        self.scanning += 1
+        started = time.monotonic()
         try:
-            return await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id)
+            return (await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id),
+                    time.monotonic() - started)
         except ScannerError as exc:
-            return ScanFailure(str(exc))
+            return ScanFailure(str(exc), exc.kind), time.monotonic() - started
         finally:
+            self.scanning -= 1
             self._scan_slots.release()
 
     async def _scan_slot(self) -> None:
         if not self._scan_slots.locked():
             await self._scan_slots.acquire()  # free: returns at once, no timer needed
             return
+        if self.metrics is not None:
+            self.metrics.limit_wait("max_scans")
         try:
             await within(self.config.server.queue_timeout, self._scan_slots.acquire())
         except asyncio.TimeoutError:  # (an alias of TimeoutError only from 3.11)
+            if self.metrics is not None:
+                self.metrics.limit_timeout("max_scans")
             raise TimeoutError from None
 
     async def handle(self, request: Request) -> bytes | None:
@@ -117,6 +139,8 @@ class PolicyService:
             envelope = rspamc.envelope(request)
         evaluation = await self.evaluate(envelope, request.body)
         log_decision(request, evaluation)
+        if self.metrics is not None:
+            self.metrics.message(request.protocol, evaluation)
         decision = evaluation.decision
         if decision.defer:
             return None
@@ -133,6 +157,8 @@ class PolicyService:
             return checkv2.PONG_REPLY
         evaluation = await self.evaluate(checkv2.envelope(request), request.body)
         log_decision(request, evaluation)
+        if self.metrics is not None:
+            self.metrics.message(request.protocol, evaluation)
         decision = evaluation.decision
         if decision.defer:
             return checkv2.error_reply(503, decision.reason)
@@ -141,8 +167,8 @@ class PolicyService:
 
 
 def log_decision(request: Request, evaluation: Evaluation) -> None:
-    """One line per message. Its fields (logging.format = json) are built by the log
-    writer's thread, only when it needs them: nothing of that on the event loop."""
+    """One line per message. The event loop only collects its values: the line is
+    formatted, and its fields (logging.format = json) built, by the log writer's thread."""
     d, env = evaluation.decision, evaluation.envelope
     scan = d.scan
     level = logging.WARNING if d.failure is not None else logging.INFO
@@ -150,20 +176,25 @@ def log_decision(request: Request, evaluation: Evaluation) -> None:
         return
     account = d.account
     proto = f"{request.protocol}/{request.command}"
-    log.log(level,
-            "qid=%s proto=%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
-            "rspamd=%s score=%s final=%r%s%s account=%s ms=%.1f reason=%s",
-            env.queue_id or "-", proto, d.traffic.value,
-            printable(env.user) if env.user is not None else "-", env.ip or "-",
-            len(env.recipients), len(d.forwarding),
-            repr(scan.action) if scan else _unscanned(d),
-            f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
-            d.action, " (no answer: defer)" if d.defer else "",
-            f" would={d.would!r}" if d.would is not None else "",
-            f"{account.account}:{account.status.value}" if account else "-",
-            evaluation.elapsed * 1000, d.reason,
-            # the request itself is not kept: its body would live until the line is written
-            extra={"fields": lambda: decision_fields(proto, evaluation)})
+    # makeRecord + handle: what log.log() does, without looking up the caller's frame
+    log.handle(log.makeRecord(
+        log.name, level, "", 0, _DECISION_LINE,
+        (env.queue_id or "-", proto, d.traffic.value,
+         printable(env.user) if env.user is not None else "-", env.ip or "-",
+         len(env.recipients), len(d.forwarding),
+         repr(scan.action) if scan else _unscanned(d),
+         f"{scan.score:.2f}/{scan.required_score:.2f}" if scan else "-",
+         d.action, " (no answer: defer)" if d.defer else "",
+         f" would={d.would!r}" if d.would is not None else "",
+         f"{account.account}:{account.status.value}" if account else "-",
+         evaluation.elapsed * 1000, d.reason),
+        None, None,
+        # the request itself is not kept: its body would live until the line is written
+        extra={"fields": lambda: decision_fields(proto, evaluation)}))
+
+
+_DECISION_LINE = ("qid=%s proto=%s traffic=%s user=%s ip=%s rcpts=%d forwarding=%d "
+                  "rspamd=%s score=%s final=%r%s%s account=%s ms=%.1f reason=%s")
 
 
 def _unscanned(decision: Decision) -> str:

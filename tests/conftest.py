@@ -132,3 +132,16 @@ def smtp_sink(sink: SmtpSink) -> SmtpSink:
     """The session sink with no messages from earlier tests."""
     sink.clear()
     return sink
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """A datagram socket where systemd's notify socket would be: (its path, the socket)."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    yield path, sock
+    sock.close()

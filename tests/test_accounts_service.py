@@ -160,7 +160,7 @@ def test_tempfail_when_the_store_is_down():
     tracker.store.broken = True
     decision = send(service)
     assert decision.action == "soft reject" and decision.account.store_failed
-    assert decision.message == "temporary local problem, please try again later"
+    assert decision.message == service.config.texts.tempfail
 
 
 def test_the_test_command_path_records_nothing():

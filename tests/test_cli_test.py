@@ -149,8 +149,10 @@ def test_spam_to_a_forwarding_recipient_is_rejected(config, tmp_path, capsys):
     assert result["reason"].startswith(
         f"spam to a recipient that forwards externally ({FORWARDER}) is rejected")
     assert result["exim"]["smtp_code"] == 550
+    # the sender sees the public text; the reason (naming the recipient) is the admin's
     assert result["exim"]["message"].startswith(
-        f"550 5.7.1 spam to a recipient that forwards externally ({FORWARDER})")
+        "550 5.7.1 Message rejected as spam (the recipient forwards externally)")
+    assert FORWARDER not in result["exim"]["message"]
     assert {"name": "EXIM_POLICY_FORWARDING", "score": 0.0, "options": [FORWARDER]} \
         in result["context_symbols"]
 

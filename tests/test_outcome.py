@@ -32,7 +32,7 @@ from exim_policy.outcome import (
     REJECTED,
     TEMPFAIL,
     EximOutcome,
-    acl_reason,
+    acl_text,
     exim_outcome,
 )
 from exim_policy.protocol.rspamc import MAX_VALUE_BYTES
@@ -123,7 +123,7 @@ def test_empty_reason_falls_back_to_the_macro_texts():
 
 def test_reason_is_one_line_and_cut_like_the_reply():
     d = decision(REJECT, IN, reason="first\r\nSecond: injected\n" + "é" * 3000)
-    reason = acl_reason(d)
+    reason = acl_text(d)
     assert "\n" not in reason and "\r" not in reason
     assert reason.startswith("first  Second: injected ")
     assert len(reason.encode()) <= MAX_VALUE_BYTES

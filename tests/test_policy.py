@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from exim_policy.config import from_dict
-from exim_policy.model import Context, Envelope, ScanFailure, ScanResult, Traffic
+from exim_policy.config import ConfigError, from_dict
+from exim_policy.model import (AccountFacts, AccountStatus, Context, Envelope, ScanFailure,
+                                ScanResult, Traffic)
 from exim_policy.policy import (
     SYM_FORWARDING,
     SYM_OUTBOUND,
@@ -137,24 +138,75 @@ def test_decide_is_pure():
     assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW) == first
 
 
-def test_forwarding_reject_message_is_the_public_text_and_the_reason_follows():
+def test_texts_forwarding_is_the_public_text_and_the_reason_follows():
     from exim_policy.protocol import rspamc
 
-    config = from_dict({"forwarding": {"reject_message": "Spam to a forwarding address"}})
+    config = from_dict({"texts": {"forwarding": "Spam to a forwarding address"}})
     d = decide(TO_FWD, scan("add header", 6.9), FWD, config, NOW)
     assert d.message == "Spam to a forwarding address" and "fwd@example.com" in d.reason
     lines = rspamc.build_reply(d).split(b"\r\n")
-    messages = [line for line in lines if line.startswith(b"Message: ")]
-    assert messages[0] == b"Message: Spam to a forwarding address"
-    assert messages[1].startswith(b"Message: spam to a recipient that forwards externally")
-    # without it, the reason is the public text
-    assert decide(TO_FWD, scan("add header", 6.9), FWD, CONFIG, NOW).message is None
+    first = next(i for i, line in enumerate(lines) if line.startswith(b"Message: "))
+    assert lines[first] == b"Message: Spam to a forwarding address"
+    assert lines[first + 1].startswith(b"Reason: spam to a recipient that forwards externally")
+
+
+def test_the_old_text_keys_say_where_they_moved():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"forwarding": {"reject_message": "x"},
+                   "accounts": {"throttle_message": "y"}})
+    assert sorted(info.value.errors) == ["accounts.throttle_message: moved to texts.throttled",
+                                         "forwarding.reject_message: moved to texts.forwarding"]
+
+
+@pytest.mark.parametrize("text", ["", "  ", "two\nlines", "tab\there", "x" * 401])
+def test_a_public_text_is_one_short_line(text):
+    with pytest.raises(ConfigError, match="texts.spam"):
+        from_dict({"texts": {"spam": text}})
+
+
+_STORE_DOWN = Context(account=AccountFacts("user:alice", None, AccountStatus.OK))
+_HELD_DOWN = Context(account=AccountFacts("user:alice", None, AccountStatus.HELD))
+_PRIVATE = ("127.0.0.1", "21333", "alice", "fwd@example.com", "failure.", "score", "15.00",
+            "6.90", "rspamd", "Rspamd", "accounts.", "forwards externally:")
+
+
+@pytest.mark.parametrize("name, envelope, result, context, config, action", [
+    ("inbound reject", INBOUND, scan("reject", 15.0), NONE, CONFIG, "reject"),
+    ("rspamd soft reject", INBOUND, scan("soft reject", 9.0), NONE, CONFIG, "soft reject"),
+    ("forwarding", TO_FWD, scan("add header", 6.9), FWD, CONFIG, "reject"),
+    ("outbound spam", AUTH, scan("reject", 15.0), NONE, CONFIG, "reject"),
+    ("scanner down", AUTH, ScanFailure("cannot reach Rspamd at 127.0.0.1:21333: refused"),
+     NONE, CONFIG, "soft reject"),
+    ("store down", AUTH, scan("no action", 0.0), _STORE_DOWN,
+     from_dict({"accounts": {"enabled": True}, "failure": {"accounts": "tempfail"}}),
+     "soft reject"),
+    ("held, store down", AUTH, scan("no action", 0.0), _HELD_DOWN,
+     from_dict({"accounts": {"enabled": True}}), "reject"),
+])
+def test_every_smtp_visible_text_is_public_by_default(name, envelope, result, context, config,
+                                                      action):
+    """What the SMTP client sees names no host, port, score, address or config key; the
+    reason (for the log and $spam_report) keeps them."""
+    d = decide(envelope, result, context, config, NOW)
+    assert d.action == action
+    assert d.message and not any(word in d.message for word in _PRIVATE), d.message
+    assert d.reason != d.message
+
+
+def test_rspamds_own_smtp_message_is_the_public_text():
+    d = decide(INBOUND, scan("reject", 15.0, messages=(("smtp_message", "Gtube pattern"),)),
+               NONE, CONFIG, NOW)
+    assert d.message == "Gtube pattern" and d.reason.startswith("Gtube pattern (Rspamd said")
+    assert decide(INBOUND, scan("reject", 15.0), NONE, CONFIG, NOW).message == \
+        CONFIG.texts.spam
+    # actions whose text no client sees have none
+    assert decide(INBOUND, scan("add header", 7.0), NONE, CONFIG, NOW).message is None
 
 
 # ---------------------------------------------------------------- policy.mode = shadow --
 SHADOW = from_dict({"policy": {"mode": "shadow"},
                     "outbound": {"relay_networks": ["192.0.2.0/24"]},
-                    "forwarding": {"reject_message": "forwarding spam refused"}})
+                    "texts": {"forwarding": "forwarding spam refused"}})
 
 
 @pytest.mark.parametrize("envelope, context, rspamd, would", [
@@ -174,7 +226,7 @@ def test_shadow_mode_answers_rspamds_verdict_and_says_what_it_would(envelope, co
         return
     assert enforced.action == would
     assert shadow.reason.startswith(f"shadow mode, would answer {would!r}: ")
-    assert shadow.message == "Rspamd said %r, score 7.00 / 15.00" % rspamd  # public text
+    assert shadow.message is None  # no client sees a text for Rspamd's verdict here
     assert ("EXIM_POLICY_SHADOW", (would,)) in [(s.name, s.options) for s in shadow.symbols]
     assert SYM_FORWARDING in {s.name for s in shadow.symbols}  # the context still shows
 

@@ -94,7 +94,7 @@ def scan_action(scan):
 
 def test_the_throttle_answer_has_the_public_text_and_the_full_reason():
     decision = decide(AUTH, HAM, facts(state(messages=3)), CONFIG, NOW)
-    assert decision.message == "sending rate limit exceeded, please try again later"
+    assert decision.message == "Sending rate limit exceeded, please try again later"
     assert "account alice is over its limit of 3 messages per 1h" in decision.reason
     assert decision.account.limit == "3 messages per 1h"
 

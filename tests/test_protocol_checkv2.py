@@ -315,7 +315,8 @@ def test_forwarding_reject_of_add_header_spam():
 def outbound_spam() -> Decision:
     scan = result_from_json(json.loads(json.dumps(RSPAMD_GTUBE)))
     return Decision(action=REJECT, traffic=Traffic.OUTBOUND, scan=scan,
-                    reason="outbound spam (authenticated as alice)", symbols=(OUTBOUND_SYMBOL,))
+                    reason="outbound spam (authenticated as alice)", symbols=(OUTBOUND_SYMBOL,),
+                    message="Suspected spam")
 
 
 def test_outbound_spam_to_the_proxy_is_a_milter_quarantine():
@@ -328,7 +329,7 @@ def test_outbound_spam_to_the_proxy_is_a_milter_quarantine():
 def test_outbound_spam_to_other_clients_is_the_configured_answer(choice):
     doc = document(outbound_spam(), milter=False, outbound_spam=choice)
     assert doc["action"] == choice and "milter" not in doc
-    assert doc["messages"]["smtp_message"] == "outbound spam (authenticated as alice)"
+    assert doc["messages"]["smtp_message"] == "Suspected spam"  # the public text only
 
 
 def test_scanner_failure_accepted_is_no_action_and_marked_skipped():
@@ -342,11 +343,20 @@ def test_scanner_failure_accepted_is_no_action_and_marked_skipped():
 
 
 def test_scanner_failure_tempfail_is_soft_reject_with_text():
-    decision = Decision(action=SOFT_REJECT, traffic=Traffic.OUTBOUND, reason="scanner down",
-                        failure=ScanFailure("down"))
+    decision = Decision(action=SOFT_REJECT, traffic=Traffic.OUTBOUND,
+                        reason="cannot reach Rspamd at 127.0.0.1:11333",
+                        message="Try later", failure=ScanFailure("down"))
     doc = document(decision)
     assert doc["action"] == "soft reject"
-    assert doc["messages"] == {"smtp_message": "scanner down"}
+    assert doc["messages"] == {"smtp_message": "Try later"}
+
+
+def test_the_reason_never_becomes_the_smtp_text():
+    """A reject without a public text (a hand-built decision) keeps Rspamd's messages."""
+    decision = Decision(action=SOFT_REJECT, traffic=Traffic.OUTBOUND,
+                        reason="cannot reach Rspamd at 127.0.0.1:11333",
+                        failure=ScanFailure("down"))
+    assert "127.0.0.1" not in json.dumps(document(decision).get("messages", {}))
 
 
 def test_rewrite_subject_keeps_subject():

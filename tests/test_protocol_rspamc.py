@@ -118,7 +118,8 @@ def gtube() -> Decision:
     scan = ScanResult(action=REJECT, score=15.0, required_score=15.0,
                       symbols=(Symbol("GTUBE", 0.0),), messages=(("smtp_message", "Gtube pattern"),),
                       message_id="probe-1@example.org", is_skipped=True)
-    return Decision(action=REJECT, traffic=Traffic.INBOUND, reason="Gtube pattern", scan=scan)
+    return Decision(action=REJECT, traffic=Traffic.INBOUND, scan=scan, message="Gtube pattern",
+                    reason="Gtube pattern (Rspamd said 'reject', score 15.00 / 15.00)")
 
 
 def ham() -> Decision:
@@ -167,16 +168,17 @@ def scanner_down() -> Decision:
 
 
 # ---------------------------------------------------------------------- golden replies --
-def test_gtube_reject_matches_rspamd_bytes_except_the_true_flag():
+def test_gtube_reject_matches_rspamd_bytes_except_the_true_flag_and_the_reason():
     # Rspamd 3.4's own reply (protocols.md §2.2): ...Metric: default; False; 15.00 / 15.00...
     assert rspamc.build_reply(gtube()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; True; 15.00 / 15.00 / 0.0\r\n"
         b"Action: reject\r\nSymbol: GTUBE(0.00)\r\nMessage: Gtube pattern\r\n"
+        b"Reason: Gtube pattern (Rspamd said 'reject', score 15.00 / 15.00)\r\n"
         b"Message-ID: probe-1@example.org\r\n")
 
 
 def test_ham_no_action():
-    # Rspamd 3.4 through Exim (stack.md §4.2) plus the shim's reason as first Message line
+    # Rspamd 3.4 through Exim (stack.md §4.2) plus the shim's reason (no public text)
     assert rspamc.build_reply(ham()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 0.00 / 15.00 / 0.0\r\n"
         b"Action: no action\r\nSymbol: ARC_NA(0.00)\r\nSymbol: FROM_NO_DN(0.00)\r\n"
@@ -185,6 +187,7 @@ def test_ham_no_action():
         b"Symbol: FROM_EQ_ENVFROM(0.00)\r\nSymbol: TO_DN_NONE(0.00)\r\n"
         b"Symbol: MIME_GOOD(-0.10)\r\nSymbol: RCPT_COUNT_ONE(0.00)\r\n"
         b"Symbol: MID_RHS_MATCH_FROM(0.00)\r\nMessage: Rspamd: no action\r\n"
+        b"Reason: Rspamd: no action\r\n"
         b"Message-ID: cap-ham@example.org\r\n")
 
 
@@ -194,7 +197,7 @@ def test_forwarding_reject_lowers_the_threshold_to_the_score():
         b"Action: reject\r\nSymbol: TEST_SPAM_HEADER(7.00)\r\nSymbol: MIME_GOOD(-0.10)\r\n"
         b"Symbol: EXIM_POLICY_FORWARDING(0.00)\r\n"
         b"Message: Spam to a forwarding address is rejected\r\n"
-        b"Message: spam (add header) to a recipient that forwards externally\r\n"
+        b"Reason: spam (add header) to a recipient that forwards externally\r\n"
         b"Message-ID: legacy-1@example.org\r\n")
 
 
@@ -202,14 +205,15 @@ def test_add_header():
     assert rspamc.build_reply(add_header()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 6.00 / 15.00 / 0.0\r\n"
         b"Action: add header\r\nSymbol: GTUBE(0.00)\r\nMessage: Rspamd: add header\r\n"
-        b"Message: Gtube pattern\r\nMessage-ID: legacy-1@example.org\r\n")
+        b"Reason: Rspamd: add header\r\nMessage: Gtube pattern\r\nMessage-ID: legacy-1@example.org\r\n")
 
 
 def test_rewrite_subject_has_subject_line_after_action():
     assert rspamc.build_reply(rewrite_subject()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 8.50 / 15.00 / 0.0\r\n"
         b"Action: rewrite subject\r\nSubject: *** SPAM *** hello\r\nSymbol: BAYES_SPAM(8.50)\r\n"
-        b"Message: Rspamd: rewrite subject\r\nMessage-ID: m@x\r\n")
+        b"Message: Rspamd: rewrite subject\r\nReason: Rspamd: rewrite subject\r\n"
+        b"Message-ID: m@x\r\n")
 
 
 def test_subject_only_for_rewrite_subject():
@@ -221,13 +225,15 @@ def test_subject_only_for_rewrite_subject():
 def test_not_reject_at_high_score_raises_the_threshold():
     assert rspamc.build_reply(downgraded_high_score()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 20.00 / 20.01 / 0.0\r\n"
-        b"Action: no action\r\nSymbol: X(20.00)\r\nMessage: trusted relay\r\n")
+        b"Action: no action\r\nSymbol: X(20.00)\r\nMessage: trusted relay\r\n"
+        b"Reason: trusted relay\r\n")
 
 
 def test_no_scan_result():
     assert rspamc.build_reply(scanner_down()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 0.00 / 15.00 / 0.0\r\n"
-        b"Action: soft reject\r\nMessage: scanner unavailable: connection refused\r\n")
+        b"Action: soft reject\r\nMessage: scanner unavailable: connection refused\r\n"
+        b"Reason: scanner unavailable: connection refused\r\n")
 
 
 def test_cr_lf_nul_in_values_are_sanitised():
@@ -240,8 +246,8 @@ def test_cr_lf_nul_in_values_are_sanitised():
     assert reply == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 15.00 / 15.01 / 0.0\r\n"
         b"Action: rej ect\r\nSymbol: EVIL  Action: no action(1.00)\r\nMessage: why not\r\n"
-        b"Message: line one  Action: no action !\r\nMessage-ID: id X\r\n")
-    assert reply.count(b"\n") == reply.count(b"\r\n") == 7 and b"\x00" not in reply
+        b"Reason: why not\r\nMessage: line one  Action: no action !\r\nMessage-ID: id X\r\n")
+    assert reply.count(b"\n") == reply.count(b"\r\n") == 8 and b"\x00" not in reply
 
 
 def test_action_truncated_to_31_bytes():

@@ -118,7 +118,7 @@ def test_context_reaches_the_reply_and_settings_id():
     scanner, fwd, out = asyncio.run(main())
     assert b"Action: reject\r\n" in fwd
     assert b"Symbol: EXIM_POLICY_FORWARDING(0.00)" in fwd
-    assert b"Message: spam to a recipient that forwards externally (fwd@example.com)" in fwd
+    assert b"Reason: spam to a recipient that forwards externally (fwd@example.com)" in fwd
     assert b"Action: add header\r\n" in out and b"EXIM_POLICY_OUTBOUND" in out
     assert [s for _, _, s in scanner.seen] == ["exim-policy-forwarding", "exim-policy-outbound"]
 

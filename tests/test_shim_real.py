@@ -82,7 +82,7 @@ def test_authenticated_gtube_reject_is_outbound(shim):
                                        rcpts=("carol@example.com",), user="tester"))
     assert action_of(reply) == "reject"
     assert b"Symbol: EXIM_POLICY_OUTBOUND(0.00)" in reply
-    assert b"Message: outbound spam (authenticated as tester)" in reply
+    assert b"Reason: outbound spam (authenticated as tester)" in reply
 
 
 def test_add_header_spam_to_a_forwarder_is_rejected_to_a_local_mailbox_kept(shim):
@@ -90,7 +90,8 @@ def test_add_header_spam_to_a_forwarder_is_rejected_to_a_local_mailbox_kept(shim
     assert action_of(to_fwd) == "reject"
     assert b"Symbol: TEST_SPAM_HEADER(" in to_fwd  # Rspamd's own verdict travels along
     assert b"Symbol: EXIM_POLICY_FORWARDING(0.00)" in to_fwd
-    assert b"Message: spam to a recipient that forwards externally (fwd@lab.test)" in to_fwd
+    assert b"Reason: spam to a recipient that forwards externally (fwd@lab.test)" in to_fwd
+    assert b"Message: Message rejected as spam (the recipient forwards" in to_fwd
 
     to_local = ask(shim.port, exim_rspamc(messages.x_test_spam(to=LOCAL)))
     assert action_of(to_local) == "add header"

@@ -139,7 +139,8 @@ def test_forwarding_spam_rejected_and_outbound_spam_by_client():
 
     forwarding, haraka, proxy = run(main())
     assert forwarding["action"] == "reject"
-    assert "forwards externally" in forwarding["messages"]["smtp_message"]
+    assert forwarding["messages"]["smtp_message"] == \
+        "Message rejected as spam (the recipient forwards externally)"
     assert haraka["action"] == "soft reject" and "milter" not in haraka
     assert proxy["action"] == "reject" and proxy["milter"] == {"reject": "quarantine"}
 

@@ -9,6 +9,7 @@ Modules import their heavy dependencies inside ``run`` so that start-up stays fa
 MODULES = (
     "serve",
     "check_config",
+    "files",
     "forwardings",
     "query",
     "test",

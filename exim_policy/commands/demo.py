@@ -99,19 +99,19 @@ def missing_prerequisites() -> list[str]:
     problems = []
     if os.geteuid() != 0:
         problems.append("must run as root: it starts Rspamd and Exim as their service users "
-                        "(try: sudo .venv/bin/exim-policy demo)")
+                        f"(try: sudo {sys.executable} -m exim_policy demo)")
     missing = sorted({pkg for binary, pkg in REQUIRED_BINARIES.items()
                       if shutil.which(binary) is None})
     if missing:
         problems.append(f"missing Debian package(s): {' '.join(missing)} (apt-get install "
-                        f"{' '.join(missing)}, or: sudo bash contrib/setup.sh)")
+                        f"{' '.join(missing)} as root, or in a checkout: bash contrib/setup.sh)")
     if importlib.util.find_spec("aiosmtpd") is None:  # the SMTP sink
         problems.append("missing Python package aiosmtpd: pip install -e .")
     from ..lab.errors import LabUnavailable
     from ..lab.exim import find_exim_dir
 
     try:
-        find_exim_dir()  # the demo runs the repository's exim/ configuration
+        find_exim_dir()  # the demo runs the shipped exim/ configuration
     except LabUnavailable as exc:
         problems.append(str(exc))
     return problems

@@ -27,7 +27,7 @@ def loop_factory(choice: str):
             from ..config import ConfigError
 
             raise ConfigError("server.event_loop: uvloop is not installed "
-                              "(pip install 'exim-policy[fast]')") from None
+                              "(pip install uvloop into exim-policy's venv)") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop
 
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     loop = new_loop()
     try:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(daemon.run(config))
+        loop.run_until_complete(daemon.run(config, config_path=args.config,
+                                           log_listener=listener))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"exim-policy: cannot serve: {exc}", file=sys.stderr)
         return 2

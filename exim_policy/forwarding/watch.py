@@ -4,8 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from typing import TYPE_CHECKING
 
 from .mapfile import ForwardingMap
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +31,15 @@ class MapWatcher:
     bad deploy never empties the forwarding set under a running daemon.
     """
 
+    #: counts failed reloads (None: metrics off); set by Metrics.instrument
+    metrics: "Metrics | None" = None
+
     def __init__(self, path: str, interval: float) -> None:
         self.path = path
         self.interval = interval
         self.current = ForwardingMap()
+        #: when the current map was read (time.time()); None: none read yet
+        self.loaded_at: float | None = None
         self._signature: tuple | None = None
 
     def load_now(self) -> None:
@@ -57,14 +67,17 @@ class MapWatcher:
             log.warning("forwarding map %s is missing; keeping %d entries", self.path,
                         len(self.current))
             self._signature = None
+            self._failed("missing")
             return
         try:
             new = ForwardingMap.load(self.path)
         except OSError as exc:
             log.error("forwarding map %s unreadable (%s); keeping %d entries", self.path,
                       exc.strerror, len(self.current))
+            self._failed("unreadable")
             return
         self.current = new  # one reference swap: readers see the old or the new map
+        self.loaded_at = time.time()
         self._signature = signature
         if not len(new):
             log.warning("forwarding map %s is empty: no recipient counts as forwarding",
@@ -72,3 +85,8 @@ class MapWatcher:
             return
         log.info("forwarding map %s loaded: %d addresses, %d domains", self.path,
                  len(new.addresses), len(new.domains))
+
+    def _failed(self, reason: str) -> None:
+        # called on the loading thread: prometheus_client's counters are thread-safe
+        if self.metrics is not None:
+            self.metrics.map_reload_failed(reason)

@@ -1,5 +1,8 @@
 """The project's contrib/ files (what an admin installs), read by the lab so it runs the same text.
 
+They are found where ``exim-policy files`` finds them (exim_policy/admin_files.py): the
+package data of an installed exim-policy, or the source checkout.
+
 The lab renders its Postfix milter settings and its Rspamd proxy worker from
 ``contrib/postfix/`` instead of keeping copies: then a test that passes through the lab has
 exercised the very lines the admin is told to install.  Only addresses are substituted
@@ -12,19 +15,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..admin_files import AdminFilesError, locate
 from .errors import LabError, LabUnavailable
-
-#: the repository root in a source checkout (exim_policy/lab/contrib.py -> ../../..)
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def contrib_path(relative: str) -> Path:
-    """``contrib/<relative>`` of the source checkout; ``LabUnavailable`` if it is not there."""
-    path = _REPO / "contrib" / relative
-    if not path.is_file():
-        raise LabUnavailable(f"{path} not found: the lab needs a source checkout of "
-                             "exim-policy (pip install -e .)")
-    return path
+    """The shipped ``contrib/<relative>``; ``LabUnavailable`` if it is not there."""
+    try:
+        return locate().path(f"contrib/{relative}")
+    except AdminFilesError as exc:
+        raise LabUnavailable(str(exc)) from None
 
 
 def read_contrib(relative: str) -> str:

@@ -49,6 +49,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..admin_files import AdminFilesError, locate
 from .errors import LabError, LabUnavailable
 from .ports import LOOPBACK, free_port
 from .process import ManagedProcess
@@ -71,12 +72,17 @@ _MACRO_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def find_exim_dir() -> Path:
-    """The project's exim/ directory (next to the package in a source checkout)."""
-    here = Path(__file__).resolve().parents[2] / "exim"
-    if all((here / name).is_file() for name in CONFIG_FILES):
-        return here
-    raise LabUnavailable(f"the project's exim/ configuration was not found at {here}; "
-                         "run from a source checkout (pip install -e .)")
+    """The project's exim/ directory: installed with the package, or of the source checkout
+    (exim_policy/admin_files.py)."""
+    try:
+        here = locate().path("exim")
+    except AdminFilesError as exc:
+        raise LabUnavailable(str(exc)) from None
+    missing = [name for name in CONFIG_FILES if not (here / name).is_file()]
+    if missing:
+        raise LabUnavailable(f"the exim/ configuration at {here} lacks {', '.join(missing)}; "
+                             "reinstall exim-policy")
+    return here
 
 
 def check_prerequisites() -> None:

@@ -42,13 +42,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .contrib import contrib_path
 from .errors import LabError, LabUnavailable
 from .ports import LOOPBACK, free_port
 from .process import ManagedProcess
 
 INSTALL_ENV = "EXIM_POLICY_LAB_HARAKA_DIR"
 DEFAULT_INSTALL_DIR = "/var/cache/exim-policy-lab/haraka"
-SETUP_HINT = "sudo bash contrib/setup-haraka.sh"
+SETUP_HINT = "bash contrib/setup-haraka.sh as root"
 HOSTNAME = "haraka.lab.test"
 DEFAULT_USERS: Mapping[str, str] = {"alice@example.com": "secret"}
 DEFAULT_LOCAL_DOMAINS = ("example.com",)
@@ -96,12 +97,8 @@ def find_haraka(root: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
 
 
 def contrib_rspamd_ini() -> Path:
-    """contrib/haraka/rspamd.ini of the source checkout this package runs from."""
-    path = Path(__file__).resolve().parents[2] / "contrib" / "haraka" / "rspamd.ini"
-    if not path.is_file():
-        raise LabUnavailable(f"{path} not found: the Haraka lab runs from a source checkout "
-                             "(pip install -e .)")
-    return path
+    """contrib/haraka/rspamd.ini, the file an admin installs (``LabUnavailable`` if missing)."""
+    return contrib_path("haraka/rspamd.ini")
 
 
 def render_rspamd_ini(template: str, host: str, port: int, extra: str = "") -> str:

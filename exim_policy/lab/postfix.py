@@ -65,7 +65,7 @@ DEFAULT_TREE = "/var/cache/exim-policy-lab/postfix"
 TREE_ENV = "EXIM_POLICY_LAB_POSTFIX_DIR"
 MAIL_OWNER = "_eplab-postfix"
 SETGID_GROUP = "_eplab-postdrop"
-SETUP_HINT = "run: sudo bash contrib/setup-postfix.sh"
+SETUP_HINT = "run, as root: bash contrib/setup-postfix.sh"
 HOSTNAME = "postfix.lab.test"
 #: what the readiness probe says in EHLO
 PROBE_HELO = "probe.lab.test"

@@ -88,7 +88,7 @@ def check_prerequisites(which: Callable[[str], str | None] = shutil.which,
     """Raise ``LabUnavailable`` naming what to install/do if Rspamd cannot be run here."""
     if which(RSPAMD_BINARY) is None:
         raise LabUnavailable("rspamd not found: install the Debian package 'rspamd' "
-                             "(sudo apt-get install rspamd, or sudo bash contrib/setup.sh)")
+                             "(apt-get install rspamd, or bash contrib/setup.sh, as root)")
     if which("setpriv") is None:
         raise LabUnavailable("setpriv not found: install the Debian package 'util-linux'")
     if (os.geteuid() if euid is None else euid) != 0:

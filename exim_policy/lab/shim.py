@@ -34,10 +34,13 @@ class ShimLab:
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
                  log_level: str = "info", log_format: str = "text", server: Mapping[str, object] | None = None,
-                 quarantine: Mapping[str, object] | None = None) -> None:
+                 quarantine: Mapping[str, object] | None = None,
+                 metrics: Mapping[str, object] | None = None) -> None:
         """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own.
         ``quarantine``: run the quarantine receiver (on :attr:`quarantine_port`, its store
-        in :attr:`quarantine_path`), with these ``[quarantine]`` keys over the lab's."""
+        in :attr:`quarantine_path`), with these ``[quarantine]`` keys over the lab's.
+        ``metrics``: serve ``GET /metrics`` on :attr:`metrics_port`, with these
+        ``[metrics]`` keys over the lab's."""
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -51,6 +54,7 @@ class ShimLab:
         self.proc: subprocess.Popen | None = None
         self.quarantine_port = free_port() if quarantine is not None else None
         self.quarantine_path = self.dir / "quarantine"
+        self.metrics_port = free_port() if metrics is not None else None
         sections: dict[str, dict[str, object]] = {
             "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
                        "query_listen": [f"{LOOPBACK}:{self.query_port}"],
@@ -65,6 +69,8 @@ class ShimLab:
                            "path": str(self.quarantine_path), **quarantine}
             if quarantine is not None else {"listen": []},
         }
+        if metrics is not None:
+            sections["metrics"] = {"listen": [f"{LOOPBACK}:{self.metrics_port}"], **metrics}
         if failure:
             sections["failure"] = dict(failure)
         self.config_path.write_text(render_toml(sections) + extra_toml)
@@ -79,6 +85,10 @@ class ShimLab:
     def http_address(self) -> str:
         """``host:port`` of the HTTP front (rspamc -h, Haraka's and the proxy's upstream)."""
         return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     @property
     def spamd_address(self) -> str:
@@ -97,7 +107,9 @@ class ShimLab:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, env: Mapping[str, str] | None = None) -> None:
+        """Start it and wait until it listens; ``env``: more environment variables (such as
+        systemd's NOTIFY_SOCKET)."""
         if self.alive():
             return
         log = open(self.log_path, "ab")
@@ -105,7 +117,7 @@ class ShimLab:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "exim_policy", "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **(env or {})})
         finally:
             log.close()
         try:
@@ -115,9 +127,16 @@ class ShimLab:
                 wait_tcp(LOOPBACK, self.http_port, deadline, alive=self.alive)
             if self.quarantine_port is not None:
                 wait_tcp(LOOPBACK, self.quarantine_port, deadline, alive=self.alive)
+            if self.metrics_port is not None:
+                wait_tcp(LOOPBACK, self.metrics_port, deadline, alive=self.alive)
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
             raise RuntimeError(f"shim did not start: {exc}\n{self.log_tail()}") from None
+
+    def reload(self) -> None:
+        """SIGHUP: the shim re-reads :attr:`config_path` and the forwarding map."""
+        assert self.proc is not None and self.alive(), "the shim is not running"
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:

@@ -19,9 +19,10 @@ HTTP status of the error reply (``{"error": "..."}``, then the connection closes
 
 :func:`build_reply` turns a :class:`~exim_policy.model.Decision` into the ``/checkv2``
 JSON the clients read. Rspamd's own reply passes through unchanged where the shim kept
-its verdict; the shim's context symbols are added to ``symbols``; an answer the shim
-changed carries the shim's text in ``messages.smtp_message`` (the SMTP reply text of
-Haraka and of the proxy, as the first ``Message:`` line is Exim's).
+its verdict; the shim's context symbols are added to ``symbols``; a reject or soft
+reject carries the public text (``[texts]``, or Rspamd's own) in ``messages.smtp_message``
+(the SMTP reply text of Haraka and of the proxy, as the first ``Message:`` line is
+Exim's). The shim's reason, which names hosts, scores and config keys, is never in it.
 """
 from __future__ import annotations
 
@@ -36,11 +37,16 @@ from ..model import (ADD_HEADER, GREYLIST, NO_ACTION, REJECT, REWRITE_SUBJECT, S
                      Decision, Envelope, ProtocolError, Request, Traffic)
 from ..scanner.rspamd_json import symbol_json
 from .parser import NEED_DATA
-from .rspamc import envelope as rspamc_envelope, first_message
+from .rspamc import envelope as rspamc_envelope
 from .text import has_line_breaker, valid_ip
 
 CHECK_PATH = "/checkv2"
 PING_PATH = "/ping"
+#: the Prometheus endpoint, where a server enables it (exim_policy/metrics.py)
+METRICS_PATH = "/metrics"
+#: the Request.command of each route
+_COMMANDS = {CHECK_PATH.encode(): "CHECK", PING_PATH.encode(): "PING",
+             METRICS_PATH.encode(): "METRICS"}
 PONG = b"pong\r\n"
 
 #: the only action names every client knows: rspamd_proxy TEMPFAILs any action name its own
@@ -115,8 +121,11 @@ class CheckV2Connection:
     needs per request.
     """
 
-    def __init__(self, *, max_header_bytes: int, max_body_bytes: int) -> None:
+    def __init__(self, *, max_header_bytes: int, max_body_bytes: int,
+                 paths: tuple[str, ...] = (CHECK_PATH, PING_PATH)) -> None:
+        """``paths``: the routes served (any of /checkv2, /ping, /metrics); others: 404."""
         self._parser = httptools.HttpRequestParser(self)
+        self.paths = paths
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         #: complete requests with "may the connection stay open after it" (pipelined
@@ -219,9 +228,9 @@ class CheckV2Connection:
         self._in_body = True
         method = self._parser.get_method().decode("ascii", "replace")
         target = self._url.decode("latin-1").split("?", 1)[0]
-        if target not in (CHECK_PATH, PING_PATH):
-            self._stop(404, f"unknown path {target[:100]!r}: this server answers "
-                            f"{CHECK_PATH} and {PING_PATH}")
+        if target not in self.paths:
+            served = " and ".join(filter(None, (", ".join(self.paths[:-1]), self.paths[-1])))
+            self._stop(404, f"unknown path {target[:100]!r}: this server answers {served}")
         # GET with a body: rspamd_proxy 3.4 sends that to a loopback upstream
         if method not in ("GET", "POST"):
             self._stop(405, f"method {method[:20]} is not supported")
@@ -238,7 +247,7 @@ class CheckV2Connection:
     def on_message_complete(self) -> None:
         target = self._url.split(b"?", 1)[0]
         self._ready.append((Request(
-            protocol="http", command="PING" if target == PING_PATH.encode() else "CHECK",
+            protocol="http", command=_COMMANDS.get(target, "CHECK"),
             version=self._parser.get_http_version(), headers=tuple(self._headers),
             body=self._body), self._parser.should_keep_alive()))
         self._start_message()
@@ -361,10 +370,11 @@ def reply_document(decision: Decision, *, milter: bool, outbound_spam: str) -> d
         # Rspamd's edits belong to its own verdict, not to the one the shim gives
         for key in ("milter", "dkim-signature", "subject"):
             doc.pop(key, None)
-    if action in (REJECT, SOFT_REJECT):
+    if action in (REJECT, SOFT_REJECT) and decision.message is not None:
+        # the public text only: the reason (hosts, scores, config keys) stays in the log
         messages = doc.get("messages")
         doc["messages"] = dict(messages) if isinstance(messages, dict) else {}
-        doc["messages"]["smtp_message"] = first_message(decision)
+        doc["messages"]["smtp_message"] = decision.message
     if quarantine and milter:
         doc["milter"] = {"reject": "quarantine"}
     return doc

@@ -9,13 +9,17 @@ the :class:`~exim_policy.model.Decision` says::
     Action: <action>                 <- must be the very next line, <= 31 bytes
     [Subject: <rewritten subject>]   <- only for "rewrite subject"
     Symbol: NAME(score) ...          <- Rspamd's symbols, then the shim's
-    Message: <the shim's reason>     <- first Message line: the bundled ACL's 550 text
+    Message: <public text>           <- first Message line: the bundled ACL's 550/451 text
+    Reason: <the shim's reason>      <- for the admin: the ACL's log line and evidence
     Message: <Rspamd message> ...
     [Message-ID: <id>]
 
+Exim reads only the status, Metric and Action lines; the rest is ``$spam_report``.
+
 ``SYMBOLS RSPAMC`` gets the same reply as ``CHECK``. The reply is at most
 :data:`~exim_policy.protocol.text.MAX_REPLY_BYTES` long: Symbol lines, then extra Message
-lines, are dropped to fit; the status, Metric, Action and first Message lines never are.
+lines, are dropped to fit; the status, Metric, Action, first Message and Reason lines
+never are.
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ def _symbol_line(symbol: Symbol) -> bytes:
 
 
 def first_message(decision: Decision) -> str:
-    """The text of the first ``Message:`` line: the custom message, else the reason."""
+    """The text of the first ``Message:`` line: the public text, else (for an action with
+    no SMTP-visible text) the reason."""
     return decision.message if decision.message is not None else decision.reason
 
 
@@ -108,13 +113,10 @@ def build_reply(decision: Decision) -> bytes:
     symbols = list(scan.symbols if scan is not None else ()) + list(decision.symbols)
     symbol_lines = [_symbol_line(s) for s in symbols]
 
-    first = one_line(first_message(decision))
-    first_line = _line("Message", first)
+    first_line = _line("Message", first_message(decision)) + _line("Reason", decision.reason)
     extra_lines: list[bytes] = []
-    emitted = {first_line}
-    # with a public message first, the reason follows it (for $spam_report and the log)
-    reasons = [decision.reason] if decision.message is not None else []
-    for text in reasons + [text for _key, text in (scan.messages if scan is not None else ())]:
+    emitted = {_line("Message", first_message(decision))}
+    for _key, text in (scan.messages if scan is not None else ()):
         line = _line("Message", text)
         if line not in emitted:
             emitted.add(line)

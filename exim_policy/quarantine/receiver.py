@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
 
@@ -29,6 +30,9 @@ from ..transport.listeners import client_allowed, start_listeners
 from .evidence import from_fields
 from .headers import HeaderSplitter, decoded, first
 from .store import NewMessage, QuarantineStore
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("exim_policy.quarantine")
 # aiosmtpd logs every connection at INFO; our own lines say what matters
@@ -46,6 +50,9 @@ IncidentLookup = Callable[[str, float], Awaitable["int | None"]]
 
 
 class QuarantineReceiver:
+    #: counts what DATA ended in (None: metrics off); set by Metrics.instrument
+    metrics: "Metrics | None" = None
+
     def __init__(self, config: Config, store: QuarantineStore,
                  incident_of: IncidentLookup | None = None) -> None:
         self.config = config
@@ -65,6 +72,10 @@ class QuarantineReceiver:
             await server.wait_closed()
         self._servers = []
         await asyncio.to_thread(self.thread.stop)
+
+    def count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.quarantined(result)
 
     def _session(self) -> "_Session":
         return _Session(self, _Handler(self), hostname="exim-policy-quarantine",
@@ -152,6 +163,7 @@ class _Session(SMTP):
         if failure:
             await thread.call(_discard, tmp_path, None)
             log.error("quarantine: message from <%s> not kept: %s", sender, failure)
+            receiver.count("refused")
             return failure
         evidence = from_fields(fields, sender, receiver.config)
         if evidence.incident is None and evidence.account and receiver.incident_of:
@@ -169,7 +181,9 @@ class _Session(SMTP):
         except Exception as exc:  # sqlite3.Error, OSError: the MTA keeps the message
             await thread.call(_discard, tmp_path, None)
             log.error("quarantine: cannot store a message from <%s>: %s", sender, exc)
+            receiver.count("refused")
             return "451 4.3.0 quarantine store failed, try again later"
+        receiver.count("merged" if merged else "held")
         log.info("quarantine: %s %s: from <%s> to %d recipient(s), account %s, queue id %s, "
                  "%d bytes, %s", "merged into" if merged else "held as", entry_id, sender,
                  len(recipients), evidence.account or "-", evidence.queue_id or "-", stored,

@@ -210,6 +210,11 @@ class QuarantineStore:
                         f"{len(new)} more recipient(s)")
 
     # ---------------------------------------------------------------------- reading --
+    def counts(self) -> dict[str, int]:
+        """Entries by state (every state, 0 when there are none)."""
+        found = dict(self._db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"))
+        return {state: found.get(state, 0) for state in STATES}
+
     def list(self, *, account: str | None = None, since: float | None = None,
              state: str | None = None, limit: int | None = None) -> list[Entry]:
         """Newest first, without audit trails."""

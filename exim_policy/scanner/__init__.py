@@ -14,8 +14,18 @@ from ..model import Envelope, ScanResult
 Message = Union[bytes, bytearray, memoryview]
 
 
+#: what went wrong, for the metrics (a small fixed set: it is a label value)
+TIMEOUT, CONNECT, HTTP_STATUS, RSPAMD_ERROR, BAD_REPLY, OTHER = (
+    "timeout", "connect", "http_status", "rspamd_error", "bad_reply", "other")
+
+
 class ScannerError(Exception):
-    """No verdict; the message says why, in words for the log."""
+    """No verdict; the message says why, in words for the log, and ``kind`` in one word
+    (:data:`TIMEOUT`, :data:`CONNECT`, ...)."""
+
+    def __init__(self, message: str, kind: str = OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Scanner(Protocol):

@@ -15,7 +15,7 @@ import sys
 import urllib.parse
 
 from ..model import Envelope, ScanResult
-from . import Message, ScannerError
+from . import BAD_REPLY, CONNECT, HTTP_STATUS, TIMEOUT, Message, ScannerError
 from .rspamd_json import result_from_json
 
 #: Rspamd's JSON for a message is small; anything far larger is not a reply we can use
@@ -61,9 +61,9 @@ def parse_reply(data: bytes) -> ScanResult:
     lines = head.split(b"\r\n")
     status = lines[0].split(None, 2)
     if data and not data.startswith(b"HTTP/"[:len(data)]):
-        raise ScannerError(f"not an HTTP reply from Rspamd: {lines[0][:80]!r}")
+        raise ScannerError(f"not an HTTP reply from Rspamd: {lines[0][:80]!r}", BAD_REPLY)
     if not sep or len(status) < 2 or not status[1].isdigit():
-        raise ScannerError(f"incomplete HTTP reply from Rspamd ({len(data)} bytes)")
+        raise ScannerError(f"incomplete HTTP reply from Rspamd ({len(data)} bytes)", BAD_REPLY)
     code = int(status[1])
     length = None
     for line in lines[1:]:
@@ -72,15 +72,17 @@ def parse_reply(data: bytes) -> ScanResult:
             length = int(value.strip())
     if length is not None:
         if len(body) < length:
-            raise ScannerError(f"Rspamd reply cut short ({len(body)} of {length} bytes)")
+            raise ScannerError(f"Rspamd reply cut short ({len(body)} of {length} bytes)",
+                               BAD_REPLY)
         body = body[:length]
     try:
         doc = json.loads(body)
     except ValueError:
-        raise ScannerError(f"HTTP {code} from Rspamd with a body that is not JSON") from None
+        raise ScannerError(f"HTTP {code} from Rspamd with a body that is not JSON",
+                           BAD_REPLY if code == 200 else HTTP_STATUS) from None
     if code != 200:
         detail = doc.get("error") if isinstance(doc, dict) else None
-        raise ScannerError(f"HTTP {code} from Rspamd: {detail or 'no detail'}")
+        raise ScannerError(f"HTTP {code} from Rspamd: {detail or 'no detail'}", HTTP_STATUS)
     return result_from_json(doc)
 
 
@@ -130,7 +132,7 @@ class _Exchange(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > MAX_REPLY_BYTES:
-            self._finish(ScannerError("Rspamd reply larger than 16 MiB"))
+            self._finish(ScannerError("Rspamd reply larger than 16 MiB", BAD_REPLY))
             self.transport.abort()
             return
         self.chunks.append(data)
@@ -165,10 +167,11 @@ class RspamdScanner:
         try:
             data = await within(self.timeout, self._exchange(head, view))
         except asyncio.TimeoutError:
-            raise ScannerError(f"no reply from Rspamd within {self.timeout:g}s") from None
+            raise ScannerError(f"no reply from Rspamd within {self.timeout:g}s",
+                               TIMEOUT) from None
         except OSError as exc:
             raise ScannerError(f"cannot reach Rspamd at {self.host}:{self.port}: "
-                               f"{exc.strerror or exc}") from None
+                               f"{exc.strerror or exc}", CONNECT) from None
         return parse_reply(data)
 
     async def _exchange(self, head: bytes, message: memoryview) -> bytes:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 
 from ..model import ScanResult, Symbol
-from . import ScannerError
+from . import BAD_REPLY, RSPAMD_ERROR, ScannerError
 
 
 def _number(doc: dict, key: str) -> float:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ScannerError(f"bad JSON from Rspamd: {key!r} is not a number")
+        raise ScannerError(f"bad JSON from Rspamd: {key!r} is not a number", BAD_REPLY)
     return float(value)
 
 
@@ -20,16 +20,16 @@ def result_from_json(doc: object) -> ScanResult:
     """``/checkv2`` JSON -> ScanResult (3.4 shapes: messages object or list, milter
     add_headers values as one object or a list of them)."""
     if not isinstance(doc, dict):
-        raise ScannerError("bad JSON from Rspamd: not an object")
+        raise ScannerError("bad JSON from Rspamd: not an object", BAD_REPLY)
     if "error" in doc:
-        raise ScannerError(f"Rspamd error: {doc['error']}")
+        raise ScannerError(f"Rspamd error: {doc['error']}", RSPAMD_ERROR)
     action = doc.get("action")
     if not isinstance(action, str) or not action:
-        raise ScannerError("bad JSON from Rspamd: no action")
+        raise ScannerError("bad JSON from Rspamd: no action", BAD_REPLY)
     symbols = []
     raw_symbols = doc.get("symbols") or {}
     if not isinstance(raw_symbols, dict):
-        raise ScannerError("bad JSON from Rspamd: symbols is not an object")
+        raise ScannerError("bad JSON from Rspamd: symbols is not an object", BAD_REPLY)
     for name, sym in raw_symbols.items():
         sym = sym if isinstance(sym, dict) else {}
         score = sym.get("score", 0.0)

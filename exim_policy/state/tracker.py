@@ -18,12 +18,16 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..model import AccountFacts, AccountState, AccountStatus, Decision, TransitionKind
 from ..policy import account_status
 from ..tally import Tally
 from .base import AccountStore, Applied, StoreError
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("exim_policy.accounts")
 
@@ -37,6 +41,9 @@ PRUNE_EVERY = 60.0
 
 
 class AccountTracker:
+    #: counts transitions and store errors (None: metrics off); set by Metrics.instrument
+    metrics: "Metrics | None" = None
+
     def __init__(self, config: Config, store: AccountStore,
                  notify: Callable[[Applied], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -88,6 +95,8 @@ class AccountTracker:
             f"{incident.state})" if step.shadow else ""
         log.warning("account %s: incident %d %s%s%s: %s", incident.account, incident.id,
                     step.kind.value, "" if step.shadow else state, would, step.reason)
+        if self.metrics is not None:
+            self.metrics.incident(step.kind.value, incident.state, step.shadow)
         if self.notify is not None:
             self.notify(made)
 
@@ -140,5 +149,7 @@ class AccountTracker:
 
     def _failed(self, exc: StoreError) -> None:
         self.store_errors += 1
+        if self.metrics is not None:
+            self.metrics.store_error()
         self._failures.hit(time.monotonic(), "%s (failure.accounts = %s)", exc,
                            self.config.failure.accounts)

@@ -21,9 +21,10 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from ..config import ServerConfig
+from ..config import ListenAddress, ServerConfig
 from ..model import ProtocolError, Request
-from ..protocol.checkv2 import CLOSED, CheckV2Connection, Reply
+from ..protocol.checkv2 import (CHECK_PATH, CLOSED, METRICS_PATH, PING_PATH,
+                                CheckV2Connection, Reply)
 from ..protocol.parser import NEED_DATA
 from .limits import BudgetWait, Limits
 from .listeners import StreamServer
@@ -35,10 +36,24 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class HttpServer(StreamServer):
-    def __init__(self, config: ServerConfig, handler: Handler,
-                 limits: Limits | None = None) -> None:
-        super().__init__(config, handler, limits)
-        self.addresses = config.http_listen
+    name = "http"
+
+    def __init__(self, config: ServerConfig, handler: Handler | None,
+                 limits: Limits | None = None, *,
+                 addresses: tuple[ListenAddress, ...] | None = None,
+                 scrape: Handler | None = None) -> None:
+        """``handler`` answers /checkv2 and /ping (None: neither route); ``scrape``
+        answers /metrics (None: no such route); ``addresses``: other than
+        ``config.http_listen`` (the metrics listener's)."""
+        super().__init__(config, handler, limits)  # type: ignore[arg-type]
+        self.addresses = config.http_listen if addresses is None else addresses
+        self.scrape = scrape
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The routes served (``scrape`` may be set after construction)."""
+        return ((CHECK_PATH, PING_PATH) if self.handler is not None else ()) + \
+            ((METRICS_PATH,) if self.scrape is not None else ())
 
     def connection(self) -> asyncio.Protocol:
         return _HttpConnection(self)
@@ -72,7 +87,8 @@ class _HttpConnection(asyncio.Protocol):
         if not self.server.admit(self, transport, self.peer):
             return
         self.codec = CheckV2Connection(max_header_bytes=MAX_HEADER_BYTES,
-                                       max_body_bytes=self.config.max_message_size)
+                                       max_body_bytes=self.config.max_message_size,
+                                       paths=self.server.paths)
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -91,6 +107,8 @@ class _HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         amount = min(len(data), budget.capacity)
         self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
+        if self.server.metrics is not None:
+            self.server.metrics.limit_wait("max_bytes_in_flight")
         self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
 
     def eof_received(self) -> bool:
@@ -110,6 +128,8 @@ class _HttpConnection(asyncio.Protocol):
 
     def shed(self) -> None:
         """The connection table needs this place: this connection is idle or sending."""
+        if self.server.metrics is not None:
+            self.server.metrics.shed(self.server.name)
         if self.started:
             self.server.shed.hit(self.loop.time(), "closed the HTTP connection from %s that "
                                  "had been sending its request longest, to make room "
@@ -158,10 +178,14 @@ class _HttpConnection(asyncio.Protocol):
         self.server.spawn(self._respond(event))
 
     async def _respond(self, request: Request) -> None:
+        server = self.server
         try:
-            reply = await self.server.handler(request)
+            handler = server.scrape if request.command == "METRICS" else server.handler
+            reply = await handler(request)  # type: ignore[misc]
         except Exception:  # a bug: log it, answer 500, close
             log.exception("error while handling an HTTP request from %s", self.peer)
+            if server.metrics is not None:
+                server.metrics.handler_error(server.name)
             self._fail(ProtocolError(500, "internal error (see the exim-policy log)"),
                        quiet=True)
             return
@@ -184,7 +208,11 @@ class _HttpConnection(asyncio.Protocol):
         self._advance()  # a pipelined request may already be in the codec
 
     def _fail(self, error: ProtocolError, quiet: bool = False) -> None:
+        """Answer ``error`` and close; ``quiet``: not a protocol error (a bug, a limit),
+        logged and counted elsewhere."""
         if not quiet:
+            if self.server.metrics is not None:
+                self.server.metrics.protocol_error(self.server.name)
             log.warning("HTTP protocol error from %s: %s %s", self.peer, error.code, error.text)
         self.codec = None
         self.transport.write(CheckV2Connection.send_error(error))
@@ -214,6 +242,8 @@ class _HttpConnection(asyncio.Protocol):
             self.loop.time(), "no room for an HTTP request's body within %gs: %d of %d bytes "
             "held (server.max_bytes_in_flight); answered 503", self.config.queue_timeout,
             budget.used, budget.capacity)
+        if self.server.metrics is not None:
+            self.server.metrics.limit_timeout("max_bytes_in_flight")
         self._fail(ProtocolError(503, "too many bytes in flight, try again later"), quiet=True)
 
     def _give_back(self) -> None:

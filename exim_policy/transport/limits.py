@@ -37,6 +37,12 @@ class ConnectionTable:
     def __len__(self) -> int:
         return len(self._open)
 
+    @property
+    def answering(self) -> int:
+        """Connections past reading: a complete request being answered (the readers are
+        always among the open ones)."""
+        return len(self._open) - len(self._reading)
+
     def admit(self, conn: Sheddable) -> bool:
         """Take ``conn`` in (shedding the oldest reader when full), or False: no room."""
         if len(self._open) >= self.limit:

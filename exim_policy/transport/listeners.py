@@ -15,11 +15,14 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
 from ..tally import Tally
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,14 @@ def _is_stale_socket(path: str) -> bool:
 
 
 class StreamServer:
+    #: the listener's name in the metrics (``listener`` label)
+    name = "stream"
+    #: counts refusals, protocol errors, waits (None: metrics off); set by
+    #: :meth:`Metrics.instrument <exim_policy.metrics.Metrics.instrument>`
+    metrics: "Metrics | None" = None
+    #: the key that names ``config.allowed_clients`` (in the log line of a refusal)
+    allowed_key = "server.allowed_clients"
+
     def __init__(self, config: ServerConfig, handler: Callable[[Any], Awaitable[Any]],
                  limits: Limits | None = None) -> None:
         self.config = config
@@ -145,11 +156,15 @@ class StreamServer:
         (before a byte is read), or no room in the shared connection table."""
         now = asyncio.get_running_loop().time()
         if not client_allowed(peer, self.config.allowed_clients):
-            self.not_allowed.hit(now, "refused connection from %s (not in "
-                                 "server.allowed_clients)", peer[0])  # type: ignore[index]
+            self.not_allowed.hit(now, "refused connection from %s (not in %s)",
+                                 peer[0], self.allowed_key)  # type: ignore[index]
+            if self.metrics is not None:
+                self.metrics.refused(self.name, "allowed_clients")
             transport.abort()
             return False
         if not self.limits.connections.admit(conn):  # type: ignore[arg-type]
+            if self.metrics is not None:
+                self.metrics.refused(self.name, "max_connections")
             self.refused.hit(now, "refused a connection: %d open, every one past reading "
                              "(server.max_connections = %d)", len(self.limits.connections),
                              self.config.max_connections)

@@ -37,6 +37,8 @@ EX_TIMEOUT = 79
 
 
 class SpamdServer(StreamServer):
+    name = "spamd"
+
     def __init__(self, config: ServerConfig, handler: Handler,
                  limits: Limits | None = None) -> None:
         super().__init__(config, handler, limits)
@@ -101,6 +103,8 @@ class _Connection(asyncio.Protocol):
 
     def shed(self) -> None:
         """The connection table needs this connection's place: it is still sending."""
+        if self.server.metrics is not None:
+            self.server.metrics.shed(self.server.name)
         self.server.shed.hit(self.loop.time(), "closed the connection from %s that had been "
                              "sending its request longest, to make room (server."
                              "max_connections = %d)", self.peer, self.config.max_connections)
@@ -116,6 +120,8 @@ class _Connection(asyncio.Protocol):
             self.reserved += amount
             return True
         self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
+        if self.server.metrics is not None:
+            self.server.metrics.limit_wait("max_bytes_in_flight")
         self.transport.pause_reading()
         self._cancel_timer()
         self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
@@ -145,9 +151,11 @@ class _Connection(asyncio.Protocol):
             self.loop.time(), "no room for a request's body within %gs: %d of %d bytes held "
             "(server.max_bytes_in_flight); answered with a temporary failure",
             self.config.queue_timeout, budget.used, budget.capacity)
+        if self.server.metrics is not None:
+            self.server.metrics.limit_timeout("max_bytes_in_flight")
         self.parser = None
         self._fail(ProtocolError(EX_TEMPFAIL, "Service Unavailable: too many bytes in "
-                                              "flight, try again later"))
+                                              "flight, try again later"), counted=False)
 
     # ------------------------------------------------------------------- requests --
     def _advance(self) -> None:
@@ -176,13 +184,18 @@ class _Connection(asyncio.Protocol):
             reply = await self.server.handler(request)
         except Exception:  # a bug: log it; the client sees a close, Exim DEFERs
             log.exception("error while handling a request from %s", self.peer)
+            if self.server.metrics is not None:
+                self.server.metrics.handler_error(self.server.name)
             reply = None
         del request  # the body's bytes go as soon as the answer is known
         if reply and not self.transport.is_closing():
             self.transport.write(reply)
         self.transport.close()  # flushes the reply first
 
-    def _fail(self, error: ProtocolError) -> None:
+    def _fail(self, error: ProtocolError, counted: bool = True) -> None:
+        """Answer ``error`` and close; ``counted``: a protocol error (not a limit)."""
+        if counted and self.server.metrics is not None:
+            self.server.metrics.protocol_error(self.server.name)
         log.warning("protocol error from %s: %s", self.peer, error.text)
         self.transport.write(spamc.build_error(error.code, error.text))
         self.transport.close()

@@ -177,7 +177,7 @@ def test_over_a_limit_is_a_451_until_the_window_moves_on(chain):
     _, too_many = ham(exim, MALLORY_ADDRESS, MALLORY, rcpts=four)
     # MAIL passes (one more message is allowed); DATA knows the 4 recipients: over 3
     assert (too_many.code, too_many.stage) == (451, "data"), too_many
-    assert "sending rate limit exceeded" in too_many.text
+    assert "Sending rate limit exceeded" in too_many.text
     started = time.monotonic()
     for _ in range(2):
         mid, outcome = ham(exim, MALLORY_ADDRESS, MALLORY)
