@@ -118,7 +118,7 @@ def micro_metrics(number: int = 200_000) -> None:
     from exim_policy.config import from_dict
     from exim_policy.metrics import Metrics
     from exim_policy.model import Decision, Envelope, ScanResult, Traffic
-    from exim_policy.service import Evaluation
+    from exim_policy.pipeline import Evaluation
 
     metrics = Metrics()
     metrics.instrument(from_dict({}))

@@ -26,7 +26,7 @@ from .quarantine.receiver import QuarantineReceiver
 from .quarantine.store import QuarantineError, QuarantineStore
 from .scanner.rspamd import RspamdScanner
 from .sdnotify import SystemdNotifier
-from .service import PolicyService
+from .pipeline import PolicyService
 from .state import StoreError, open_store
 from .state.tracker import AccountTracker
 from .transport.helper import QueryServer
@@ -78,13 +78,13 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     tune_process(config)
     watcher = MapWatcher(config.forwarding.map, config.forwarding.reload_interval)
     await asyncio.to_thread(watcher.load_now)
-    scanner = RspamdScanner(config.rspamd.url, config.rspamd.timeout)
+    scanner = RspamdScanner.for_config(config.rspamd)
     forwards = lambda address: watcher.current.forwards(address)  # noqa: E731 - always the current map
     accounts = await open_accounts(config)
     service = PolicyService(config, scanner, forwards, accounts)
     limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
-    server = SpamdServer(config.server, service.handle, limits)
-    http = HttpServer(config.server, service.handle_http, limits)
+    server = SpamdServer(config.server, service.answer, limits)
+    http = HttpServer(config.server, service.answer, limits)
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode,
                           accounts=accounts.status if accounts else None)
@@ -368,8 +368,8 @@ class Reloader:
         old, parts = self.config, self.running
         service = parts.service
         service.config = new
-        if (new.rspamd.url, new.rspamd.timeout) != (old.rspamd.url, old.rspamd.timeout):
-            service.scanner = RspamdScanner(new.rspamd.url, new.rspamd.timeout)
+        if new.rspamd != old.rspamd:
+            service.scanner = RspamdScanner.for_config(new.rspamd)
         for listener in parts.listeners:
             listener.config = new.server
         parts.queries.allowed_clients = new.server.allowed_clients

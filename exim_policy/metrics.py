@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .forwarding.watch import MapWatcher
     from .quarantine.receiver import QuarantineReceiver
-    from .service import Evaluation, PolicyService
+    from .pipeline import Evaluation, PolicyService
     from .state.tracker import AccountTracker
     from .transport.listeners import StreamServer
 

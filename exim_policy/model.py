@@ -149,6 +149,9 @@ class Context:
     account: "AccountFacts | None" = None
     #: the message's Subject (evidence for incident notices), decoded leniently
     subject: str | None = None
+    #: the traffic class and why (policy.classify), when the caller has it already (the
+    #: pipeline needs it before the scan); None: decide() classifies
+    traffic: "tuple[Traffic, str] | None" = None
 
 
 @dataclass(frozen=True)

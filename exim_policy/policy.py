@@ -8,7 +8,6 @@ no I/O, no clock of their own, so the tests are tables.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 
 from .config import Config, format_duration
 from .model import (
@@ -32,6 +31,7 @@ from .model import (
     Transition,
     TransitionKind,
 )
+from .networks import network_of
 from .state.names import relay_account, user_account
 
 #: context symbols the shim adds to every reply where they apply (score 0: flags, not points)
@@ -55,7 +55,7 @@ def classify(envelope: Envelope, context: Context, config: Config) -> tuple[Traf
     if envelope.user is not None:
         who = envelope.user or "an unknown id"
         return Traffic.OUTBOUND, f"authenticated as {who}"
-    relay = _relay_network(envelope.ip, config.outbound.all_relay_networks)
+    relay = network_of(envelope.ip, config.outbound.all_relay_networks) if envelope.ip else None
     if relay is not None:
         return Traffic.OUTBOUND, f"client {envelope.ip} is in relay network {relay}"
     if context.forwarding:
@@ -131,7 +131,7 @@ def decide(envelope: Envelope, scan: ScanResult | ScanFailure | ScanSkipped, con
     if isinstance(scan, ScanSkipped):
         if context.account is None or context.account.state is None:
             raise ValueError("a scan is only skipped for an account over a limit")
-        traffic, traffic_reason = classify(envelope, context, config)
+        traffic, traffic_reason = context.traffic or classify(envelope, context, config)
         unscanned = Decision(action=SOFT_REJECT, traffic=traffic, reason="",
                              traffic_reason=traffic_reason,
                              symbols=_context_symbols(traffic, traffic_reason, ()))
@@ -164,7 +164,7 @@ def _shadowed(decision: Decision, scan: ScanResult, config: Config) -> Decision:
 def _verdict(envelope: Envelope, scan: ScanResult | ScanFailure, context: Context,
              config: Config) -> Decision:
     """The answer from the traffic class and Rspamd's result alone."""
-    traffic, traffic_reason = classify(envelope, context, config)
+    traffic, traffic_reason = context.traffic or classify(envelope, context, config)
     forwarding = tuple(r for r in envelope.recipients if r in context.forwarding)
     symbols = _context_symbols(traffic, traffic_reason, forwarding)
     common = dict(traffic=traffic, forwarding=forwarding, traffic_reason=traffic_reason)
@@ -340,17 +340,3 @@ def _rspamd_text(scan: ScanResult, config: Config) -> str | None:
         return text
     return config.texts.spam if scan.action == REJECT else config.texts.soft_reject
 
-
-def _relay_network(ip: str | None, networks: tuple) -> object | None:
-    if not ip or not networks:
-        return None
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # Exim can report IPv4 clients on a dual-stack socket so
-    for net in networks:
-        if addr.version == net.version and addr in net:
-            return net
-    return None

@@ -14,7 +14,7 @@ from exim_policy.config import from_dict
 from exim_policy.forwarding.mapfile import ForwardingMap
 from exim_policy.model import AccountStatus, Envelope, ScanResult
 from exim_policy.protocol.mbox import exim_mbox_wrap
-from exim_policy.service import PolicyService
+from exim_policy.pipeline import PolicyService
 from exim_policy.state.base import StoreError
 from exim_policy.state.memory import MemoryStore
 from exim_policy.state.tracker import AccountTracker
@@ -40,7 +40,7 @@ class Scripted:
     def __init__(self) -> None:
         self.scans = 0
 
-    async def scan(self, message, envelope, settings_id):
+    async def scan(self, message, envelope, traffic):
         self.scans += 1
         spam = b"GTUBE" in bytes(message)
         return ScanResult("reject" if spam else "no action", 15.0 if spam else 0.0, 15.0)

@@ -479,7 +479,7 @@ def test_unreadable_file_subprocess(config, tmp_path):
 
 def test_daemon_modules_never_import_rich():
     code = ("import sys\n"
-            "import exim_policy.daemon, exim_policy.transport.spamd, exim_policy.service\n"
+            "import exim_policy.daemon, exim_policy.transport.spamd, exim_policy.pipeline\n"
             "import exim_policy.cli, exim_policy.commands.test, exim_policy.outcome\n"
             "print('rich' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,

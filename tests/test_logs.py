@@ -15,9 +15,9 @@ import messages
 from exim_policy.config import ConfigError, LoggingConfig, from_dict
 from exim_policy.lab.shim import ShimLab
 from exim_policy.logs import JsonFormatter, handler_for
-from exim_policy.model import Context, Envelope, Request, ScanResult
+from exim_policy.model import Context, Envelope, ScanResult
 from exim_policy.policy import decide
-from exim_policy.service import Evaluation, log_decision
+from exim_policy.pipeline import Evaluation, log_decision
 
 
 def decision_record(caplog) -> logging.LogRecord:
@@ -26,7 +26,7 @@ def decision_record(caplog) -> logging.LogRecord:
                    queue_id="1abc-000001-00")
     decision = decide(env, ScanResult("add header", 7.5, 15.0), Context(), config, 0.0)
     with caplog.at_level(logging.INFO, logger="exim_policy.decision"):
-        log_decision(Request("rspamc", "CHECK", "1.3"), Evaluation(env, decision, 0.0123))
+        log_decision("rspamc", "CHECK", Evaluation(env, decision, 0.0123))
     [record] = caplog.records
     return record
 

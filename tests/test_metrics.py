@@ -32,14 +32,21 @@ from exim_policy.quarantine.receiver import QuarantineReceiver
 from exim_policy.quarantine.store import NewMessage, QuarantineStore
 from exim_policy.scanner import CONNECT, TIMEOUT, ScannerError
 from exim_policy.scanner.rspamd import RspamdScanner, parse_reply
-from exim_policy.service import PolicyService
+from exim_policy.pipeline import PolicyService
 from exim_policy.state.memory import MemoryStore
 from exim_policy.state.tracker import AccountTracker
 from exim_policy.transport.http import HttpServer
 from exim_policy.transport.limits import Limits
-from exim_policy.transport.spamd import SpamdServer
+from exim_policy.protocol import checkv2
+from exim_policy.protocol.rspamc import RspamcCodec
+from exim_policy.transport.spamd import CODECS, SpamdServer
 
 T0 = 1_800_000_000.0
+
+
+def handle(service: PolicyService, request: Request):
+    """As the spamd listener answers a request: with the codec of its protocol."""
+    return service.answer(CODECS[request.protocol], request)
 
 
 # ----------------------------------------------------------------------- helpers --
@@ -75,7 +82,7 @@ class Scanner:
         self.fail: ScannerError | None = None
         self.delay = 0.0
 
-    async def scan(self, message, envelope, settings_id):
+    async def scan(self, message, envelope, traffic):
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
@@ -129,18 +136,18 @@ def test_each_path_counts_one_message_with_its_labels():
                      "limits": [{"window": "1m", "messages": 1}]}}, accounts=True)
 
     async def run():
-        await service.handle(rspamc())                        # scanned: no action
+        await handle(service, rspamc())                        # scanned: no action
         scanner.action = "add header"
-        await service.handle(spamc())                         # scanned, SpamAssassin side
-        await service.handle_http(http())                     # scanned, HTTP front
+        await handle(service, spamc())                         # scanned, SpamAssassin side
+        await service.answer(checkv2.CODEC, http())                     # scanned, HTTP front
         scanner.fail = ScannerError("no reply", TIMEOUT)
-        await service.handle(rspamc())                        # failed: inbound accepts
+        await handle(service, rspamc())                        # failed: inbound accepts
         scanner.fail = ScannerError("refused", CONNECT)
-        assert await service.handle(rspamc(rcpts=("fwd@example.com",))) is None  # deferred
+        assert await handle(service, rspamc(rcpts=("fwd@example.com",))) is None  # deferred
         scanner.fail, scanner.action = None, "no action"
-        await service.handle(rspamc(user="alice"))            # an account's first: ok
-        await service.handle(rspamc(user="alice"))            # over its limit: skipped
-        await service.handle(Request("spamc", "PING", "1.5"))  # not a message
+        await handle(service, rspamc(user="alice"))            # an account's first: ok
+        await handle(service, rspamc(user="alice"))            # over its limit: skipped
+        await handle(service, Request("spamc", "PING", "1.5"))  # not a message
 
     asyncio.run(run())
     found = samples(metrics)
@@ -175,8 +182,9 @@ def test_label_values_stay_within_their_sets():
     scanner.action = "my-custom-action"
 
     async def run():
-        await service.handle(rspamc())
-        await service.handle(Request("weird", "CHECK", "1.3", (), b"x"))
+        await handle(service, rspamc())
+        weird = type("WeirdCodec", (RspamcCodec,), {"name": "weird"})()
+        await service.answer(weird, Request("rspamc", "CHECK", "1.3", (), b"x"))
 
     asyncio.run(run())
     found = samples(metrics)
@@ -191,7 +199,7 @@ def test_nothing_is_counted_without_metrics():
     config = from_dict({})
     service = PolicyService(config, Scanner(), ForwardingMap().forwards)
     assert service.metrics is None
-    asyncio.run(service.handle(rspamc()))  # (no error: the hooks are skipped)
+    asyncio.run(handle(service, rspamc()))  # (no error: the hooks are skipped)
 
 
 def test_no_free_scan_slot_is_a_wait_a_timeout_and_a_no_slot_failure():
@@ -200,7 +208,7 @@ def test_no_free_scan_slot_is_a_wait_a_timeout_and_a_no_slot_failure():
     scanner.delay = 0.3
 
     async def run():
-        await asyncio.gather(service.handle(rspamc()), service.handle(rspamc()))
+        await asyncio.gather(handle(service, rspamc()), handle(service, rspamc()))
 
     asyncio.run(run())
     found = samples(metrics)
@@ -275,8 +283,8 @@ def test_the_metrics_listener_and_the_http_front_serve_the_exposition():
                         "metrics": {"listen": ["127.0.0.1:0"], "http_front": True}})
     service = PolicyService(config, Scanner(), ForwardingMap().forwards)
     limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
-    spamd = SpamdServer(config.server, service.handle, limits)
-    front = HttpServer(config.server, service.handle_http, limits)
+    spamd = SpamdServer(config.server, service.answer, limits)
+    front = HttpServer(config.server, service.answer, limits)
     metrics = Metrics()
     metrics.instrument(config, service=service, listeners=(spamd, front), limits=limits)
 
@@ -320,7 +328,7 @@ def test_without_http_front_the_front_has_no_metrics_route():
     config = from_dict({"server": {"http_listen": ["127.0.0.1:0"]},
                         "metrics": {"listen": ["127.0.0.1:0"]}})
     service = PolicyService(config, Scanner(), ForwardingMap().forwards)
-    front = HttpServer(config.server, service.handle_http)
+    front = HttpServer(config.server, service.answer)
     Metrics().instrument(config, service=service, listeners=(front,))
 
     async def run():
@@ -339,8 +347,8 @@ def test_refused_and_shed_connections_are_counted_per_listener():
                                    "allowed_clients": ["127.0.0.1/32"]}})
     denied = from_dict({"server": {"listen": ["127.0.0.1:0"], "allowed_clients": ["10.0.0.0/8"]}})
     service = PolicyService(config, Scanner(), ForwardingMap().forwards)
-    one = SpamdServer(config.server, service.handle)
-    none = SpamdServer(denied.server, service.handle)
+    one = SpamdServer(config.server, service.answer)
+    none = SpamdServer(denied.server, service.answer)
     metrics = Metrics()
     metrics.instrument(config, service=service, listeners=(one, none))
 
@@ -407,7 +415,7 @@ def test_incidents_and_account_statuses():
 
     async def run():
         for _ in range(4):  # spam, spam (opens: held), spam (locks), spam (locked)
-            await service.handle(rspamc(user="alice", rcpts=("x@example.net",)))
+            await handle(service, rspamc(user="alice", rcpts=("x@example.net",)))
 
     asyncio.run(run())
     found = samples(metrics)
@@ -430,7 +438,7 @@ def test_store_errors_are_counted():
         raise StoreError("down")
 
     service.accounts.store.state = broken
-    asyncio.run(service.handle(rspamc(user="alice")))
+    asyncio.run(handle(service, rspamc(user="alice")))
     assert value(samples(metrics), "exim_policy_account_store_errors_total") == 1
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from exim_policy.model import Envelope
+from exim_policy.config import SettingsIds
+from exim_policy.model import Envelope, Traffic
 from exim_policy.scanner import ScannerError
 from exim_policy.scanner.rspamd import RspamdScanner, parse_reply, request_head
 
@@ -121,8 +122,10 @@ def test_client_round_trip_without_half_close():
     async def main():
         server, port, seen = await _scripted_peer(http(GTUBE_JSON))
         async with server:
-            scanner = RspamdScanner(f"http://127.0.0.1:{port}", timeout=5)
-            result = await scanner.scan(b"body", Envelope(recipients=("a@b",)), "sid")
+            scanner = RspamdScanner(f"http://127.0.0.1:{port}", timeout=5,
+                                    settings_ids=SettingsIds(outbound="sid"))
+            result = await scanner.scan(b"body", Envelope(recipients=("a@b",)),
+                                        Traffic.OUTBOUND)
         return result, seen
 
     result, seen = asyncio.run(main())
@@ -137,8 +140,8 @@ def test_client_timeout_and_refused():
         async with server:
             with pytest.raises(ScannerError, match="no reply from Rspamd within 0.3s"):
                 await RspamdScanner(f"http://127.0.0.1:{port}", timeout=0.3).scan(
-                    b"x", Envelope(), "")
+                    b"x", Envelope())
         with pytest.raises(ScannerError, match="cannot reach Rspamd"):
-            await RspamdScanner(f"http://127.0.0.1:{port}", timeout=1).scan(b"x", Envelope(), "")
+            await RspamdScanner(f"http://127.0.0.1:{port}", timeout=1).scan(b"x", Envelope())
 
     asyncio.run(main())

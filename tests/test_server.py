@@ -13,10 +13,10 @@ import pytest
 
 from exim_policy.config import from_dict
 from exim_policy.forwarding.mapfile import ForwardingMap
-from exim_policy.model import Envelope, ScanResult
+from exim_policy.model import Envelope, ScanResult, Traffic
 from exim_policy.scanner import ScannerError
 from exim_policy.transport.spamd import SpamdServer
-from exim_policy.service import PolicyService
+from exim_policy.pipeline import PolicyService
 
 BODY = (b"From MAILER-DAEMON Sun Nov 22 05:56:46 2026\nX-Envelope-From: <a@example.org>\n"
         b"X-Envelope-To: bob@example.com\nSubject: hi\n\nhello\n")
@@ -37,11 +37,11 @@ class FakeScanner:
 
     def __init__(self, action="no action", score=0.0, delay=0.0, fail: str | None = None):
         self.action, self.score, self.delay, self.fail = action, score, delay, fail
-        self.seen: list[tuple[bytes, Envelope, str]] = []
+        self.seen: list[tuple[bytes, Envelope, Traffic]] = []
         self.in_flight = self.max_in_flight = 0
 
-    async def scan(self, message, envelope, settings_id):
-        self.seen.append((message, envelope, settings_id))
+    async def scan(self, message, envelope, traffic):
+        self.seen.append((message, envelope, traffic))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -59,7 +59,7 @@ async def start(scanner, **server_cfg):
                         if scanner.fail == "defer-me" else {}})
     fmap = ForwardingMap.parse("fwd@example.com\n")
     service = PolicyService(config, scanner, fmap.forwards)
-    server = SpamdServer(config.server, service.handle)
+    server = SpamdServer(config.server, service.answer)
     await server.start()
     return server, server.sockets[0].getsockname()[1]
 
@@ -97,11 +97,11 @@ def test_reply_and_close_without_half_close():
     assert whole.startswith(b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; True; 15.00 / 15.00 / 0.0\r\n"
                             b"Action: reject\r\n")
     assert chunked == whole
-    message, envelope, settings_id = scanner.seen[0]
+    message, envelope, traffic = scanner.seen[0]
     assert message == b"X-Envelope-From: <a@example.org>\nX-Envelope-To: bob@example.com\n" \
                       b"Subject: hi\n\nhello\n"  # the mbox From_ line is not Rspamd's business
     assert envelope.recipients == ("bob@example.com",) and envelope.ip == "192.0.2.10"
-    assert settings_id == "exim-policy-inbound"
+    assert traffic is Traffic.INBOUND
 
 
 def test_context_reaches_the_reply_and_settings_id():
@@ -120,7 +120,7 @@ def test_context_reaches_the_reply_and_settings_id():
     assert b"Symbol: EXIM_POLICY_FORWARDING(0.00)" in fwd
     assert b"Reason: spam to a recipient that forwards externally (fwd@example.com)" in fwd
     assert b"Action: add header\r\n" in out and b"EXIM_POLICY_OUTBOUND" in out
-    assert [s for _, _, s in scanner.seen] == ["exim-policy-forwarding", "exim-policy-outbound"]
+    assert [t for _, _, t in scanner.seen] == [Traffic.FORWARDING, Traffic.OUTBOUND]
 
 
 def test_many_connections_are_served_concurrently():
@@ -309,9 +309,9 @@ def test_no_room_in_the_byte_budget_in_time_is_a_temporary_error():
 def test_the_body_reaches_the_scanner_without_a_copy():
     """The parser's buffer is the message the scanner gets (a view past the From_ line)."""
     class Keeper(FakeScanner):
-        async def scan(self, message, envelope, settings_id):
+        async def scan(self, message, envelope, traffic):
             self.view = message
-            return await super().scan(message, envelope, settings_id)
+            return await super().scan(message, envelope, traffic)
 
     async def main():
         scanner = Keeper()
@@ -384,7 +384,7 @@ def test_unix_socket_listener(tmp_path):
         scanner = FakeScanner("reject", 15.0)
         config = from_dict({"server": {"listen": [f"unix:{path}"]}})
         service = PolicyService(config, scanner, ForwardingMap().forwards)
-        server = SpamdServer(config.server, service.handle)
+        server = SpamdServer(config.server, service.answer)
         await server.start()
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))
@@ -408,7 +408,7 @@ def test_stale_unix_socket_is_replaced(tmp_path):
     async def main():
         config = from_dict({"server": {"listen": [f"unix:{path}"]}})
         server = SpamdServer(config.server, PolicyService(
-            config, FakeScanner(), ForwardingMap().forwards).handle)
+            config, FakeScanner(), ForwardingMap().forwards).answer)
         await server.start()
         await server.stop()
 

@@ -8,7 +8,8 @@ import json
 
 from exim_policy.config import from_dict
 from exim_policy.forwarding.mapfile import ForwardingMap
-from exim_policy.service import PolicyService
+from exim_policy.model import Traffic
+from exim_policy.pipeline import PolicyService
 from exim_policy.transport.http import HttpServer
 
 from test_server import FakeScanner  # noqa: E402 (tests/ is on sys.path)
@@ -33,7 +34,7 @@ async def start(scanner, config: dict | None = None, **server_cfg):
     config_obj = from_dict({"server": server_cfg, **(config or {})})
     fmap = ForwardingMap.parse("fwd@example.com\n")
     service = PolicyService(config_obj, scanner, fmap.forwards)
-    server = HttpServer(config_obj.server, service.handle_http)
+    server = HttpServer(config_obj.server, service.answer)
     await server.start()
     return server, server.sockets[0].getsockname()[1]
 
@@ -98,7 +99,7 @@ def test_keep_alive_serves_several_requests_on_one_connection():
     assert [d["action"] for d in docs] == ["add header", "add header", "add header"]
     assert "EXIM_POLICY_OUTBOUND" in docs[2]["symbols"]
     assert replies[3][2] == b"pong\r\n"
-    assert scanner.seen[2][2] == "exim-policy-outbound"  # the shim's Settings-ID
+    assert scanner.seen[2][2] is Traffic.OUTBOUND  # its Settings-ID is the shim's
 
 
 def test_pipelined_requests_are_answered_in_order():
@@ -236,7 +237,7 @@ def test_defer_failure_is_503_and_a_handler_bug_is_500():
             await server.stop()
 
         class Broken(FakeScanner):
-            async def scan(self, message, envelope, settings_id):
+            async def scan(self, message, envelope, traffic):
                 raise RuntimeError("a bug")
 
         server, port = await start(Broken())

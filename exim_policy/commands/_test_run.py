@@ -27,7 +27,7 @@ from ..outcome import EXIM_MAX_SCAN_SIZE, EximOutcome, exim_outcome
 from ..protocol.mbox import strip_mbox_from_line
 from ..protocol.text import valid_ip
 from ..scanner.rspamd import RspamdScanner
-from ..service import Evaluation, PolicyService
+from ..pipeline import Evaluation, PolicyService
 from ..state import open_store
 from ..state.tracker import AccountTracker
 
@@ -336,7 +336,7 @@ async def _drive_all(args: argparse.Namespace, config, fmap, overrides, quaranti
     recorded (the store is only read)."""
     accounts = AccountTracker(config, open_store(config.accounts)) \
         if config.accounts.enabled else None
-    service = PolicyService(config, RspamdScanner(config.rspamd.url, config.rspamd.timeout),
+    service = PolicyService(config, RspamdScanner.for_config(config.rspamd),
                             fmap.forwards, accounts, record=False)
     runner = Runner(config, service, overrides, exim_mbox=args.exim_mbox,
                     quarantine=quarantine)

@@ -1,6 +1,6 @@
 """``exim-policy test [FILE|DIR|-]... [--mbox FILE]...``: what Exim would do with a message.
 
-Each message goes through :meth:`exim_policy.service.PolicyService.evaluate`, the daemon's
+Each message goes through :meth:`exim_policy.pipeline.PolicyService.evaluate`, the daemon's
 own path (same Rspamd request, same ``decide()``), with an :class:`RspamdScanner` built
 from ``[rspamd]`` and the forwarding map ``[forwarding] map`` loaded once (a missing or
 unreadable map is an empty map, as for a daemon starting without one; a note says so).

@@ -31,6 +31,8 @@ import dataclasses
 import http
 import json
 
+from typing import TYPE_CHECKING
+
 import httptools
 
 from ..model import (ADD_HEADER, GREYLIST, NO_ACTION, REJECT, REWRITE_SUBJECT, SOFT_REJECT,
@@ -39,6 +41,9 @@ from ..scanner.rspamd_json import symbol_json
 from .parser import NEED_DATA
 from .rspamc import envelope as rspamc_envelope
 from .text import has_line_breaker, valid_ip
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 CHECK_PATH = "/checkv2"
 PING_PATH = "/ping"
@@ -378,3 +383,27 @@ def reply_document(decision: Decision, *, milter: bool, outbound_spam: str) -> d
     if quarantine and milter:
         doc["milter"] = {"reject": "quarantine"}
     return doc
+
+
+class CheckV2Codec:
+    """The HTTP front: ``/checkv2`` and ``/ping`` (see :mod:`.codec`)."""
+
+    name = "http"
+
+    def answer_at_once(self, request: Request) -> Reply | None:
+        return PONG_REPLY if request.command == "PING" else None
+
+    def envelope(self, request: Request, config: Config) -> Envelope:
+        return envelope(request)
+
+    def reply(self, request: Request, decision: Decision, config: Config) -> Reply:
+        """The reply; ``defer`` is a 503 with Rspamd's error shape, so the client applies
+        its own scanner-failure setting (Haraka ``[defer] error``, Postfix
+        ``milter_default_action``)."""
+        if decision.defer:
+            return error_reply(http.HTTPStatus.SERVICE_UNAVAILABLE, decision.reason)
+        return build_reply(decision, milter=from_milter(request),
+                           outbound_spam=config.http.outbound_spam)
+
+
+CODEC = CheckV2Codec()

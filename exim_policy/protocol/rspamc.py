@@ -23,16 +23,18 @@ never are.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..model import MAX_ACTION_BYTES, REWRITE_SUBJECT, Decision, Envelope, Request, Symbol
 from .scores import clean_score, exim_threshold, format_number, format_score
-from .text import (MAX_REPLY_BYTES, encode, has_line_breaker, keep_within, one_line,
-                   split_address_list, strip_angle, symbol_priority, truncate_bytes, valid_ip)
+from .text import (MAX_REPLY_BYTES, MAX_VALUE_BYTES, encode, has_line_breaker, one_line,
+                   split_address_list, strip_angle, trim_reply, truncate_bytes, valid_ip)
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 STATUS_LINE = b"RSPAMD/1.3 0 EX_OK\r\n"
 
-#: longest value kept on a Subject/Message/Message-ID/Symbol line; with it the lines that
-#: are never dropped stay far below MAX_REPLY_BYTES
-MAX_VALUE_BYTES = 2000
 
 
 # ----------------------------------------------------------------------------- request --
@@ -126,10 +128,9 @@ def build_reply(decision: Decision) -> bytes:
     budget = MAX_REPLY_BYTES - sum(map(len, head)) - len(first_line) - len(tail)
     # extra Message lines outrank Symbol lines; among symbols, the shim's own context symbols
     # (last in the list) outrank Rspamd's, and Rspamd's high-|score| symbols the 0.00 ones
-    kept_extra = keep_within(extra_lines, list(range(len(extra_lines))), budget)
-    budget -= sum(len(extra_lines[i]) for i in kept_extra)
-    order = symbol_priority([clean_score(s.score) for s in symbols], len(decision.symbols))
-    kept_symbols = keep_within(symbol_lines, order, budget)
+    kept_extra, kept_symbols = trim_reply(extra_lines, symbol_lines,
+                                          [clean_score(s.score) for s in symbols],
+                                          len(decision.symbols), budget)
 
     return b"".join(
         head
@@ -138,3 +139,23 @@ def build_reply(decision: Decision) -> bytes:
         + [line for i, line in enumerate(extra_lines) if i in kept_extra]
         + [tail]
     )
+
+
+class RspamcCodec:
+    """Exim ``variant=rspamd``: ``CHECK``/``SYMBOLS RSPAMC`` (see :mod:`.codec`)."""
+
+    name = "rspamc"
+
+    def answer_at_once(self, request: Request) -> bytes | None:
+        return None  # both commands are scans
+
+    def envelope(self, request: Request, config: Config) -> Envelope:
+        return envelope(request)
+
+    def reply(self, request: Request, decision: Decision, config: Config) -> bytes | None:
+        """The reply bytes; None for ``defer``: the connection closes unanswered, so
+        Exim's ``spam`` condition defers."""
+        return None if decision.defer else build_reply(decision)
+
+
+CODEC = RspamcCodec()

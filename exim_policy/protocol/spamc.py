@@ -22,19 +22,27 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from ..model import SOFT_REJECT, Decision, Envelope, Request, Symbol
 from .mbox import envelope_from_mbox, leading_headers, strip_mbox_from_line
 from .parser import version_tuple
 from .rspamc import first_message
 from .scores import clean_score, exim_threshold, format_number, format_score
-from .text import (MAX_REPLY_BYTES, encode, keep_within, one_line, symbol_priority,
+from .text import (MAX_REPLY_BYTES, MAX_VALUE_BYTES, encode, one_line, trim_reply,
                    truncate_bytes, valid_ip)
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 STATUS_LINE = b"SPAMD/1.1 0 EX_OK\r\n"
 PONG = b"SPAMD/1.5 0 PONG\r\n"
 
 EX_UNAVAILABLE = 69
+#: a temporary failure: Exim DEFERs (451) and retries the message later
 EX_TEMPFAIL = 75
+#: the request did not arrive in time (spamd's own code for it)
+EX_TIMEOUT = 79
 
 #: longest error text; the line is read by humans (spamc prints it, Exim logs it)
 MAX_ERROR_BYTES = 1000
@@ -145,7 +153,7 @@ def _report(decision: Decision, budget: int) -> bytes:
     message lines.
     """
     def line(text: str) -> bytes:
-        return truncate_bytes(encode(one_line(text)), 2000) + b"\r\n"
+        return truncate_bytes(encode(one_line(text)), MAX_VALUE_BYTES) + b"\r\n"
 
     first = first_message(decision)
     fixed = [line(f"Action: {decision.action}"), line(f"Message: {first}"),
@@ -164,11 +172,8 @@ def _report(decision: Decision, budget: int) -> bytes:
             detail += f" [{', '.join(sym.options)}]"
         symbol_lines.append(line(f" {format_score(sym.score)} {sym.name}{detail}"))
 
-    budget -= sum(map(len, fixed))
-    kept_extra = keep_within(extra, list(range(len(extra))), budget)
-    budget -= sum(len(extra[i]) for i in kept_extra)
-    order = symbol_priority([clean_score(s.score) for s in symbols], len(decision.symbols))
-    kept = keep_within(symbol_lines, order, budget)
+    kept_extra, kept = trim_reply(extra, symbol_lines, [clean_score(s.score) for s in symbols],
+                                  len(decision.symbols), budget - sum(map(len, fixed)))
     return b"".join(fixed + [extra[i] for i in sorted(kept_extra)]
                     + [symbol_lines[i] for i in sorted(kept)])
 
@@ -208,13 +213,24 @@ def _header_part(message: bytes) -> bytes:
     return message[:end] + (b"\r\n\r\n" if message.startswith(b"\r\n\r\n", end) else b"\n\n")
 
 
+def answer_at_once(request: Request) -> bytes | None:
+    """``PING`` -> :data:`PONG`; ``SKIP`` -> ``b""`` (spamd sends nothing); ``TELL`` ->
+    ``build_error(69, ...)``: learning is not supported. None for the scanning commands."""
+    if request.command == "PING":
+        return PONG
+    if request.command == "SKIP":
+        return b""
+    if request.command == "TELL":
+        return build_error(EX_UNAVAILABLE, "Service Unavailable: TELL is not supported")
+    return None
+
+
 def build_reply(request: Request, decision: Decision) -> bytes:
     """The reply bytes for ``request`` (any command the parser accepts) given ``decision``.
 
     * A ``soft reject`` decision (temporary failure) -> ``build_error(75, ...)``: Exim DEFERs
       on a non-zero code and spamc reports a temporary failure.
-    * ``PING`` -> :data:`PONG`; ``SKIP`` -> ``b""`` (spamd sends nothing); ``TELL`` ->
-      ``build_error(69, ...)``: learning is not supported.
+    * ``PING``, ``SKIP``, ``TELL``: :func:`answer_at_once`.
     * ``Spam: True`` iff ``decision.is_reject``; score and threshold with one decimal.
     * CHECK: Spam header only. SYMBOLS: comma-joined names (CRLF-terminated below 1.3).
       REPORT: :func:`_report`. REPORT_IFSPAM: the report only when spam.
@@ -223,12 +239,9 @@ def build_reply(request: Request, decision: Decision) -> bytes:
     * ``decision.defer`` is the server's business (it closes without writing).
     """
     command = request.command
-    if command == "PING":
-        return PONG
-    if command == "SKIP":
-        return b""
-    if command == "TELL":
-        return build_error(EX_UNAVAILABLE, "Service Unavailable: TELL is not supported")
+    at_once = answer_at_once(request)
+    if at_once is not None:
+        return at_once
     if decision.action == SOFT_REJECT:
         return build_error(EX_TEMPFAIL, f"Temporary failure: {decision.reason}")
 
@@ -261,3 +274,22 @@ def build_reply(request: Request, decision: Decision) -> bytes:
     if legacy:
         return STATUS_LINE + spam_line + b"\r\n" + body
     return STATUS_LINE + b"Content-length: %d\r\n" % len(body) + spam_line + b"\r\n" + body
+
+
+class SpamcCodec:
+    """The SpamAssassin protocol: Exim's default variant, ``spamc`` (see :mod:`.codec`)."""
+
+    name = "spamc"
+
+    def answer_at_once(self, request: Request) -> bytes | None:
+        return answer_at_once(request)
+
+    def envelope(self, request: Request, config: Config) -> Envelope:
+        return envelope(request, anonymous_users=config.spamc.anonymous_users)
+
+    def reply(self, request: Request, decision: Decision, config: Config) -> bytes | None:
+        """The reply bytes; None for ``defer``: the connection closes unanswered."""
+        return None if decision.defer else build_reply(request, decision)
+
+
+CODEC = SpamcCodec()

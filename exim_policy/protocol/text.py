@@ -10,6 +10,10 @@ import ipaddress
 #: Exim keeps 32599 bytes of a reply and copies ``$spam_report`` into a 32600-byte buffer
 #: without a bounds check (protocols.md §1.6, §1.9), so every reply stays well below that.
 MAX_REPLY_BYTES = 30000
+#: longest value kept on one reply line (a Message, Reason, Subject or Symbol line of the
+#: RSPAMC reply, a line of the SpamAssassin report): with it the lines that are never
+#: dropped stay far below MAX_REPLY_BYTES
+MAX_VALUE_BYTES = 2000
 
 #: bytes that would end or corrupt a reply line if they appeared inside a value
 _LINE_BREAKERS = {0x00: " ", 0x0A: " ", 0x0D: " "}
@@ -54,6 +58,17 @@ def keep_within(lines: list[bytes], order: list[int], budget: int) -> set[int]:
             kept.add(index)
             budget -= size
     return kept
+
+
+def trim_reply(extra: list[bytes], symbols: list[bytes], scores: list[float], n_own: int,
+               budget: int) -> tuple[set[int], set[int]]:
+    """What of a reply's droppable lines fits ``budget`` bytes: the indexes of the
+    ``extra`` message lines kept (they outrank symbol lines, in their order), then of the
+    ``symbols`` lines (``scores``: their scores; the last ``n_own`` are the shim's, see
+    :func:`symbol_priority`)."""
+    kept_extra = keep_within(extra, list(range(len(extra))), budget)
+    budget -= sum(len(extra[i]) for i in kept_extra)
+    return kept_extra, keep_within(symbols, symbol_priority(scores, n_own), budget)
 
 
 def symbol_priority(scores: list[float], n_own: int) -> list[int]:

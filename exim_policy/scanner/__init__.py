@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol, Union
 
-from ..model import Envelope, ScanResult
+from ..model import Envelope, ScanResult, Traffic
 
 #: the message as the transport holds it: scanners take it without copying it
 Message = Union[bytes, bytearray, memoryview]
@@ -29,6 +29,8 @@ class ScannerError(Exception):
 
 
 class Scanner(Protocol):
-    async def scan(self, message: Message, envelope: Envelope, settings_id: str) -> ScanResult:
-        """Scan ``message`` (RFC 5322 bytes, no mbox From_ line)."""
+    async def scan(self, message: Message, envelope: Envelope,
+                   traffic: Traffic | None) -> ScanResult:
+        """Scan ``message`` (RFC 5322 bytes, no mbox From_ line) of the ``traffic`` class
+        (the scanner knows what that means to it: Rspamd's settings per class)."""
         ...

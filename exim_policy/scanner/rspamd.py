@@ -14,7 +14,9 @@ import json
 import sys
 import urllib.parse
 
-from ..model import Envelope, ScanResult
+from ..config import RspamdConfig, SettingsIds
+from ..model import Envelope, ScanResult, Traffic
+from ..protocol.text import has_line_breaker
 from . import BAD_REPLY, CONNECT, HTTP_STATUS, TIMEOUT, Message, ScannerError
 from .rspamd_json import result_from_json
 
@@ -25,7 +27,7 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 def _clean(value: str | None) -> str | None:
     """A header value that is safe to forward, or None (CR/LF/NUL would let an Exim-side
     value inject headers such as ``File:``, which makes Rspamd read a local file)."""
-    if value is None or any(c in value for c in "\r\n\0"):
+    if value is None or has_line_breaker(value):
         return None
     return value
 
@@ -150,18 +152,28 @@ class _Exchange(asyncio.Protocol):
 
 
 class RspamdScanner:
-    """POST each message to Rspamd's ``/checkv2`` on a fresh connection."""
+    """POST each message to Rspamd's ``/checkv2`` on a fresh connection, with the
+    ``Settings-ID`` of its traffic class (``rspamd.settings_id``)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    @classmethod
+    def for_config(cls, config: RspamdConfig) -> RspamdScanner:
+        return cls(config.url, config.timeout, config.settings_id)
+
+    def __init__(self, url: str, timeout: float,
+                 settings_ids: SettingsIds = SettingsIds()) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 11333
         self.path = (parts.path.rstrip("/") or "") + "/checkv2"
         self.host_header = parts.netloc
         self.timeout = timeout
+        self.settings_ids = settings_ids
 
-    async def scan(self, message: Message, envelope: Envelope, settings_id: str = "") -> ScanResult:
+    async def scan(self, message: Message, envelope: Envelope,
+                   traffic: Traffic | None = None) -> ScanResult:
+        """The verdict; ``traffic`` None: no Settings-ID (Rspamd's defaults)."""
         view = memoryview(message)
+        settings_id = self.settings_ids.for_traffic(traffic) if traffic is not None else ""
         head = request_head(len(view), envelope, host=self.host_header,
                             settings_id=settings_id, path=self.path)
         try:

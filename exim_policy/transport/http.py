@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
 from ..model import ProtocolError, Request
-from ..protocol.checkv2 import (CHECK_PATH, CLOSED, METRICS_PATH, PING_PATH,
+from ..protocol.checkv2 import (CHECK_PATH, CLOSED, CODEC, METRICS_PATH, PING_PATH,
                                 CheckV2Connection, Reply)
+from ..protocol.codec import Codec
 from ..protocol.parser import NEED_DATA
 from .limits import BudgetWait, Limits
 from .listeners import StreamServer
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Request], Awaitable[Reply]]
+Handler = Callable[[Codec, Request], Awaitable[Reply]]
+Scrape = Callable[[Request], Awaitable[Reply]]
 MAX_HEADER_BYTES = 64 * 1024
 
 
@@ -41,7 +44,7 @@ class HttpServer(StreamServer):
     def __init__(self, config: ServerConfig, handler: Handler | None,
                  limits: Limits | None = None, *,
                  addresses: tuple[ListenAddress, ...] | None = None,
-                 scrape: Handler | None = None) -> None:
+                 scrape: Scrape | None = None) -> None:
         """``handler`` answers /checkv2 and /ping (None: neither route); ``scrape``
         answers /metrics (None: no such route); ``addresses``: other than
         ``config.http_listen`` (the metrics listener's)."""
@@ -180,13 +183,15 @@ class _HttpConnection(asyncio.Protocol):
     async def _respond(self, request: Request) -> None:
         server = self.server
         try:
-            handler = server.scrape if request.command == "METRICS" else server.handler
-            reply = await handler(request)  # type: ignore[misc]
+            if request.command == "METRICS":
+                reply = await server.scrape(request)  # type: ignore[misc]
+            else:
+                reply = await server.handler(CODEC, request)
         except Exception:  # a bug: log it, answer 500, close
             log.exception("error while handling an HTTP request from %s", self.peer)
             if server.metrics is not None:
                 server.metrics.handler_error(server.name)
-            self._fail(ProtocolError(500, "internal error (see the exim-policy log)"),
+            self._fail(ProtocolError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the exim-policy log)"),
                        quiet=True)
             return
         finally:
@@ -244,7 +249,8 @@ class _HttpConnection(asyncio.Protocol):
             budget.used, budget.capacity)
         if self.server.metrics is not None:
             self.server.metrics.limit_timeout("max_bytes_in_flight")
-        self._fail(ProtocolError(503, "too many bytes in flight, try again later"), quiet=True)
+        self._fail(ProtocolError(HTTPStatus.SERVICE_UNAVAILABLE, "too many bytes in flight, try "
+                                             "again later"), quiet=True)
 
     def _give_back(self) -> None:
         if self.reserved:
@@ -272,7 +278,7 @@ class _HttpConnection(asyncio.Protocol):
             why = f"request not complete in {self.config.request_timeout:g}s"
         else:
             why = f"no data for {self.config.read_timeout:g}s"
-        self._fail(ProtocolError(408, why))
+        self._fail(ProtocolError(HTTPStatus.REQUEST_TIMEOUT, why))
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -11,13 +11,13 @@ within the grace period.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
+from ..networks import network_of
 from ..tally import Tally
 from .limits import Limits
 
@@ -31,13 +31,7 @@ def client_allowed(peername: object, allowed: tuple) -> bool:
     """Unix-socket peers are allowed (file permissions guard them); TCP peers by network."""
     if not isinstance(peername, tuple):
         return True
-    try:
-        addr = ipaddress.ip_address(peername[0].split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == net.version and addr in net for net in allowed)
+    return network_of(peername[0], allowed) is not None
 
 
 async def start_listeners(addresses: tuple[ListenAddress, ...],

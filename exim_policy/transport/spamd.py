@@ -22,18 +22,18 @@ from typing import Awaitable, Callable
 
 from ..config import ServerConfig
 from ..model import ProtocolError, Request
-from ..protocol import spamc
+from ..protocol import rspamc, spamc
+from ..protocol.codec import Codec
 from ..protocol.parser import NEED_DATA, RequestParser
 from .limits import BudgetWait, Limits
 from .listeners import StreamServer
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Request], Awaitable["bytes | None"]]
+Handler = Callable[[Codec, Request], Awaitable["bytes | None"]]
+#: the codecs of the two protocols this listener's parser tells apart by the request line
+CODECS: dict[str, Codec] = {"rspamc": rspamc.CODEC, "spamc": spamc.CODEC}
 MAX_HEADER_BYTES = 64 * 1024
-#: spamd's "temporary failure" status: Exim DEFERs (451) and retries the message later
-EX_TEMPFAIL = 75
-EX_TIMEOUT = 79
 
 
 class SpamdServer(StreamServer):
@@ -154,7 +154,7 @@ class _Connection(asyncio.Protocol):
         if self.server.metrics is not None:
             self.server.metrics.limit_timeout("max_bytes_in_flight")
         self.parser = None
-        self._fail(ProtocolError(EX_TEMPFAIL, "Service Unavailable: too many bytes in "
+        self._fail(ProtocolError(spamc.EX_TEMPFAIL, "Service Unavailable: too many bytes in "
                                               "flight, try again later"), counted=False)
 
     # ------------------------------------------------------------------- requests --
@@ -181,7 +181,7 @@ class _Connection(asyncio.Protocol):
 
     async def _respond(self, request: Request) -> None:
         try:
-            reply = await self.server.handler(request)
+            reply = await self.server.handler(CODECS[request.protocol], request)
         except Exception:  # a bug: log it; the client sees a close, Exim DEFERs
             log.exception("error while handling a request from %s", self.peer)
             if self.server.metrics is not None:
@@ -220,7 +220,7 @@ class _Connection(asyncio.Protocol):
                       self.config.read_timeout)
             self.transport.close()
             return
-        self._fail(ProtocolError(EX_TIMEOUT, why))
+        self._fail(ProtocolError(spamc.EX_TIMEOUT, why))
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -10,12 +10,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .config import Config
-from .model import Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped
+from .model import (Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped,
+                    Traffic)
 from .policy import account_of, classify, decide, must_scan
-from .protocol import checkv2, rspamc, spamc
+from .protocol.codec import Codec
 from .protocol.mbox import strip_mbox_from_line, subject_of
 from .protocol.text import printable
 from .scanner import Scanner, ScannerError
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger("exim_policy.decision")
+#: what a codec answers (reply bytes, an HTTP reply)
+A = TypeVar("A")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,11 @@ class PolicyService:
         self.scanning = 0
 
     def context_for(self, envelope: Envelope) -> Context:
-        return Context(forwarding=frozenset(r for r in envelope.recipients if self.forwards(r)))
+        """What the shim knows before the scan: the recipients that forward, and so the
+        traffic class (classified once per message, here)."""
+        context = Context(forwarding=frozenset(r for r in envelope.recipients
+                                               if self.forwards(r)))
+        return dataclasses.replace(context, traffic=classify(envelope, context, self.config))
 
     async def evaluate(self, envelope: Envelope, body: bytes | bytearray) -> Evaluation:
         """Scan one message and decide. A scanner failure (or no free scan slot within
@@ -71,7 +78,7 @@ class PolicyService:
         started = time.monotonic()
         now = self.clock()
         context = self.context_for(envelope)
-        traffic, _ = classify(envelope, context, self.config)
+        traffic, _ = context.traffic  # type: ignore[misc]
         account = account_of(envelope, traffic, self.config) if self.accounts else None
         if account is not None and self.accounts is not None:
             facts = await self.accounts.facts(account, envelope.recipients, now)
@@ -81,8 +88,7 @@ class PolicyService:
         if not must_scan(envelope, context, self.config):
             scan = ScanSkipped("the account is over a limit")
         else:
-            scan, scan_elapsed = await self._scan(
-                body, envelope, self.config.rspamd.settings_id.for_traffic(traffic))
+            scan, scan_elapsed = await self._scan(body, envelope, traffic)
             if context.account is not None and isinstance(scan, ScanResult) \
                     and scan.action in self.config.outbound.spam_actions:
                 # evidence for a notice is kept for spam only: read its Subject then
@@ -93,7 +99,7 @@ class PolicyService:
         return Evaluation(envelope, decision, time.monotonic() - started, scan_elapsed)
 
     async def _scan(self, body: bytes | bytearray, envelope: Envelope,
-                    settings_id: str) -> tuple[ScanResult | ScanFailure, float | None]:
+                    traffic: Traffic) -> tuple[ScanResult | ScanFailure, float | None]:
         """The verdict, and how long Rspamd took (None: no scan slot, Rspamd not asked)."""
         try:
             await self._scan_slot()
@@ -104,7 +110,7 @@ class PolicyService:
         self.scanning += 1
         started = time.monotonic()
         try:
-            return (await self.scanner.scan(strip_mbox_from_line(body), envelope, settings_id),
+            return (await self.scanner.scan(strip_mbox_from_line(body), envelope, traffic),
                     time.monotonic() - started)
         except ScannerError as exc:
             return ScanFailure(str(exc), exc.kind), time.monotonic() - started
@@ -125,48 +131,20 @@ class PolicyService:
                 self.metrics.limit_timeout("max_scans")
             raise TimeoutError from None
 
-    async def handle(self, request: Request) -> bytes | None:
-        """Reply bytes for a request, or None: close without answering."""
-        if request.protocol == "spamc":
-            if request.command == "PING":
-                return spamc.PONG
-            if request.command == "SKIP":
-                return None
-            if request.command == "TELL":
-                return spamc.build_error(69, "Service Unavailable: TELL is not supported")
-            envelope = spamc.envelope(request, anonymous_users=self.config.spamc.anonymous_users)
-        else:
-            envelope = rspamc.envelope(request)
-        evaluation = await self.evaluate(envelope, request.body)
-        log_decision(request, evaluation)
+    async def answer(self, codec: Codec[A], request: Request) -> A:
+        """The answer to one request, in its codec's terms: at once when it needs no scan
+        (a ``PING``), else after :meth:`evaluate`, logged and counted."""
+        at_once = codec.answer_at_once(request)
+        if at_once is not None:
+            return at_once
+        evaluation = await self.evaluate(codec.envelope(request, self.config), request.body)
+        log_decision(codec.name, request.command, evaluation)
         if self.metrics is not None:
-            self.metrics.message(request.protocol, evaluation)
-        decision = evaluation.decision
-        if decision.defer:
-            return None
-        if request.protocol == "spamc":
-            return spamc.build_reply(request, decision)
-        return rspamc.build_reply(decision)
-
-    async def handle_http(self, request: Request) -> checkv2.Reply:
-        """The reply to a ``/checkv2`` or ``/ping`` request (the HTTP front). A deferred
-        decision (``failure.* = "defer"``) is a 503 with Rspamd's error shape: the client
-        applies its own scanner-failure setting (Haraka ``[defer] error``, Postfix
-        ``milter_default_action``)."""
-        if request.command == "PING":
-            return checkv2.PONG_REPLY
-        evaluation = await self.evaluate(checkv2.envelope(request), request.body)
-        log_decision(request, evaluation)
-        if self.metrics is not None:
-            self.metrics.message(request.protocol, evaluation)
-        decision = evaluation.decision
-        if decision.defer:
-            return checkv2.error_reply(503, decision.reason)
-        return checkv2.build_reply(decision, milter=checkv2.from_milter(request),
-                                   outbound_spam=self.config.http.outbound_spam)
+            self.metrics.message(codec.name, evaluation)
+        return codec.reply(request, evaluation.decision, self.config)
 
 
-def log_decision(request: Request, evaluation: Evaluation) -> None:
+def log_decision(protocol: str, command: str, evaluation: Evaluation) -> None:
     """One line per message. The event loop only collects its values: the line is
     formatted, and its fields (logging.format = json) built, by the log writer's thread."""
     d, env = evaluation.decision, evaluation.envelope
@@ -175,7 +153,7 @@ def log_decision(request: Request, evaluation: Evaluation) -> None:
     if not log.isEnabledFor(level):
         return
     account = d.account
-    proto = f"{request.protocol}/{request.command}"
+    proto = f"{protocol}/{command}"
     # makeRecord + handle: what log.log() does, without looking up the caller's frame
     log.handle(log.makeRecord(
         log.name, level, "", 0, _DECISION_LINE,
