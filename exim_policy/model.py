@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 NO_ACTION = "no action"
 GREYLIST = "greylist"
@@ -120,7 +121,7 @@ class ScanResult:
     add_headers: tuple[tuple[str, str], ...] = ()
     #: Rspamd's whole JSON reply, passed on unchanged to HTTP clients where the shim keeps
     #: the verdict (None: not from JSON); never changed once parsed
-    raw: dict | None = field(default=None, compare=False, repr=False)
+    raw: "dict[str, Any] | None" = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class Incident:
     shadow: bool = False
     closed: float | None = None
     #: the evidence of its last transition (JSON-ready: what the notice carried)
-    evidence: dict = field(default_factory=dict, compare=False)
+    evidence: "dict[str, Any]" = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def _unscanned(decision: Decision) -> str:
     return "SKIPPED" if decision.failure is None else "FAILED"
 
 
-def decision_fields(proto: str, evaluation: Evaluation) -> dict:
+def decision_fields(proto: str, evaluation: Evaluation) -> dict[str, object]:
     """The decision line as keys (the JSON log format)."""
     d, env = evaluation.decision, evaluation.envelope
     scan, account = d.scan, d.account

@@ -8,6 +8,7 @@ no I/O, no clock of their own, so the tests are tables.
 from __future__ import annotations
 
 import dataclasses
+from typing import TypedDict
 
 from .config import Config, format_duration
 from .model import (
@@ -161,13 +162,21 @@ def _shadowed(decision: Decision, scan: ScanResult, config: Config) -> Decision:
         symbols=decision.symbols + (Symbol(SYM_SHADOW, 0.0, (decision.action,)),))
 
 
+class _Common(TypedDict):
+    """The fields every verdict of one message shares."""
+
+    traffic: Traffic
+    forwarding: tuple[str, ...]
+    traffic_reason: str
+
+
 def _verdict(envelope: Envelope, scan: ScanResult | ScanFailure, context: Context,
              config: Config) -> Decision:
     """The answer from the traffic class and Rspamd's result alone."""
     traffic, traffic_reason = context.traffic or classify(envelope, context, config)
     forwarding = tuple(r for r in envelope.recipients if r in context.forwarding)
     symbols = _context_symbols(traffic, traffic_reason, forwarding)
-    common = dict(traffic=traffic, forwarding=forwarding, traffic_reason=traffic_reason)
+    common = _Common(traffic=traffic, forwarding=forwarding, traffic_reason=traffic_reason)
 
     if isinstance(scan, ScanFailure):
         return _on_failure(scan, config.failure.for_traffic(traffic), symbols, common,
@@ -295,7 +304,7 @@ def _contained(verdict: Decision, status: AccountStatus, why: str, outcome: Acco
 
 
 def _on_failure(failure: ScanFailure, mode: FailureMode, symbols: tuple[Symbol, ...],
-                common: dict, config: Config) -> Decision:
+                common: _Common, config: Config) -> Decision:
     symbols = symbols + (Symbol(SYM_SCANNER_FAILED, 0.0, (mode.value,)),)
     traffic = common["traffic"].value
     why = f"scanner unavailable ({failure.reason}); failure.{traffic} = {mode.value}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -156,7 +156,7 @@ def audit_action(transition: Transition) -> str:
     """The audit trail's word for a transition."""
     if transition.kind is TransitionKind.OPENED:
         return f"incident opened ({transition.mode})"
-    return transition.kind.value
+    return str(transition.kind.value)
 
 
 def evidence(account: str, transition: Transition, state: AccountState,
@@ -167,7 +167,7 @@ def evidence(account: str, transition: Transition, state: AccountState,
     events = sorted(spam_events, key=lambda e: e.at)
     symbols = collections.Counter(name for e in events for name in e.symbols)
 
-    def distinct(values) -> list[str]:
+    def distinct(values: Iterable[str | None]) -> list[str]:
         return list(dict.fromkeys(v for v in values if v))[:LIST_SHOWN]
 
     counts = {format_duration(c.window): {"messages": c.messages, "recipients": c.recipients,

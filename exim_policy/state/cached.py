@@ -48,7 +48,7 @@ class CachedSqliteStore:
         self.file = SqliteStore(config, path)
         self.memory = MemoryStore(config)
         self._pending: list[tuple[str, MessageEvent]] = []
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._seen_change = 0
         self._loaded = False
         self._write_errors = Tally(log, logging.ERROR, 5.0)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from ..config import AccountsConfig, ConfigError
 from ..model import (AccountState, AccountStatus, Counts, Incident, MessageEvent, Transition,
@@ -38,6 +39,9 @@ from .base import (AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT, AccountDetail, Acc
                    windows_of)
 from .memory import DAEMON
 
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
 try:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
@@ -45,6 +49,8 @@ except ImportError:  # pragma: no cover - the [redis] extra is not installed
     aioredis = None  # type: ignore[assignment]
     RedisError = OSError  # type: ignore[assignment,misc]
 
+#: a script argument as the client sends it
+_Arg = Union[bytes, str, int, float]
 #: seconds for a connect and for one command (a slow store must not hold mail long)
 TIMEOUT = 2.0
 
@@ -239,7 +245,7 @@ class RedisStore:
         base = f"{self.prefix}{{{key_hash(account)}}}:"
         return {name: base + name for name in ("a", "m", "r", "s", "x", "i", "il", "au")}
 
-    async def _call(self, script, keys: list[str], args: list):
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[_Arg]) -> Any:
         try:
             return await script(keys=keys, args=args)
         except RedisError as exc:
@@ -269,7 +275,7 @@ class RedisStore:
                      transitions: Sequence[Transition], now: float) -> tuple[Applied, ...]:
         k = self._keys(account)
         rkeys = sorted({recipient_key(r) for r in event.recipients}) if event else []
-        args: list = [repr(now), repr(self.config.retention), repr(self.config.history),
+        args: list[_Arg] = [repr(now), repr(self.config.retention), repr(self.config.history),
                       account, key_hash(account), EVIDENCE_KEPT, INCIDENTS_KEPT, AUDIT_KEPT]
         if event is not None:
             args += ["1", "1" if event.counted else "0", "1" if event.spam else "0",
@@ -302,7 +308,8 @@ class RedisStore:
                 incident.reason, incident.shadow, incident.closed, proof)))
         return tuple(applied)
 
-    async def _proof(self, account: str, transition: Transition, now: float) -> dict:
+    async def _proof(self, account: str, transition: Transition,
+                     now: float) -> dict[str, object]:
         state = await self.state(account, (), now)
         return evidence(account, transition, state, await self._evidence(account),
                         self.config, now)
@@ -345,7 +352,9 @@ class RedisStore:
 
     async def accounts(self, now: float) -> list[AccountSummary]:
         try:
-            hashes = await self.client.zrange(self.prefix + "accounts", 0, -1)
+            # a plain ZRANGE: members only (the client's type also covers WITHSCORES)
+            hashes = cast("list[bytes]",
+                          await self.client.zrange(self.prefix + "accounts", 0, -1))
             rows = []
             for h in hashes:
                 base = f"{self.prefix}{{{_text(h)}}}:a"
@@ -369,7 +378,8 @@ class RedisStore:
         """Drop index entries of accounts whose keys have expired (Redis expires the rest)."""
         index = self.prefix + "accounts"
         try:
-            stale = await self.client.zrangebyscore(index, "-inf", now - self.config.retention)
+            stale = cast("list[bytes]", await self.client.zrangebyscore(
+                index, "-inf", now - self.config.retention))
             for h in stale:
                 if not await self.client.exists(f"{self.prefix}{{{_text(h)}}}:a"):
                     await self.client.zrem(index, h)

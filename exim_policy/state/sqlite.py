@@ -12,7 +12,8 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..config import AccountsConfig
 from ..model import (AccountState, AccountStatus, Counts, Incident, MessageEvent, Transition,
@@ -23,6 +24,8 @@ from .base import (AUDIT_KEPT, EVIDENCE_KEPT, INCIDENTS_KEPT, AccountDetail, Acc
                    event_json, evidence, incident_state, recipient_key, windows_of)
 from .memory import DAEMON
 from .thread import StoreThread
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -70,7 +73,7 @@ class SqliteStore:
         self.origin = uuid.uuid4().hex
 
     # ------------------------------------------------------------ the store thread --
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await self._thread.call(fn, *args)
         except sqlite3.Error as exc:
@@ -203,6 +206,7 @@ class SqliteStore:
                 "INSERT INTO incidents (account, opened, state, reason, shadow, evidence) "
                 "VALUES (?, ?, ?, ?, ?, ?)", (account, now, state, transition.reason,
                                               int(transition.shadow), json.dumps(proof)))
+            assert cursor.lastrowid is not None  # an INSERT's row id
             incident = Incident(cursor.lastrowid, account, now, state, transition.reason,
                                 transition.shadow, None, proof)
             db.execute("UPDATE accounts SET status = ?, incident = ?, since_hold = 0 "

@@ -13,20 +13,27 @@ import collections
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+#: a call's future, its result and its exception (one of the two is None)
+_Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
 
 
 class StoreThread:
     def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: collections.deque = collections.deque()
+        self._calls: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any],
+                  tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._done: collections.deque[tuple[asyncio.AbstractEventLoop, _Outcome]] = \
+            collections.deque()
         self._lock = threading.Lock()
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` on the thread; the future has its result (or its exception)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
@@ -46,6 +53,7 @@ class StoreThread:
             if item is None:
                 return
             loop, future, fn, args = item
+            outcome: _Outcome
             try:
                 outcome = (future, fn(*args), None)
             except BaseException as exc:  # handed to the caller, raised there
@@ -76,6 +84,6 @@ class StoreThread:
                 loop.call_soon_threadsafe(_settle, future, result, exc)
 
 
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if not future.cancelled():
         future.set_exception(exc) if exc is not None else future.set_result(result)

@@ -73,3 +73,13 @@ def exim(e2e_dir: Path, shim: ShimLab, sink: SmtpSink) -> Iterator[EximLab]:
 def stack(exim: EximLab, shim: ShimLab, rspamd_running: RspamdLab,
           smtp_sink: SmtpSink) -> Stack:
     return running_stack(exim, shim, rspamd_running, smtp_sink)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here is the whole chain: marked ``e2e`` and ``real`` (lanes: ``-m e2e``,
+    ``-m "not real"``)."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.real)
