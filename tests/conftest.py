@@ -145,3 +145,16 @@ def notify_socket(tmp_path):
     sock.settimeout(20)
     yield path, sock
     sock.close()
+
+
+#: fixtures that start a daemon of the lab (Rspamd, Redis): a test using one is ``real``
+REAL_FIXTURES = frozenset({"rspamd", "rspamd_running", "rspamd_stopped", "redis_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``real`` every test that uses a daemon fixture (the others that need a daemon
+    binary or root say so themselves): ``pytest -m "not real"`` then runs as any user on
+    a machine without them."""
+    for item in items:
+        if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)

@@ -73,6 +73,7 @@ def test_sysusers_creates_the_daemon_user_in_exims_group(root):
     assert settings["User"] == ["_exim-policy"] and settings["Group"] == ["Debian-exim"]
 
 
+@pytest.mark.real  # chown: root
 def test_tmpfiles_makes_the_config_and_state_directories(root):
     assert run(tool("systemd-sysusers"), f"--root={root}", str(SYSUSERS)).returncode == 0
     result = run(tool("systemd-tmpfiles"), f"--root={root}", "--create", str(TMPFILES))

@@ -21,6 +21,8 @@ from exim_policy.forwarding.sources import parse_lsearch
 
 import alias_sets
 
+pytestmark = pytest.mark.real  # the real Exim (exim -bt)
+
 EXIM_CONF = """\
 primary_hostname = host.test
 domainlist local_domains = {domains}

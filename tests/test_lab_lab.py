@@ -26,6 +26,7 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.real  # the real Rspamd
 def test_lab_starts_all_parts_and_stops_them(workdir: Path) -> None:
     try:
         check_prerequisites()

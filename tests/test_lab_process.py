@@ -60,6 +60,7 @@ def test_zombie_counts_as_dead() -> None:
         child.wait(timeout=5)
 
 
+@pytest.mark.real  # setuid: root
 def test_runs_as_another_user_and_logs_output(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)
     proc = ManagedProcess(["sh", "-c", "id -un; echo oops >&2"], name="whoami",

@@ -197,6 +197,7 @@ def test_lab_config_points_dns_at_the_lab_only(rspamd_running: RspamdLab, nxdns)
     assert Path(rspamd_running.log_path).is_file() and os.path.getsize(rspamd_running.log_path) > 0
 
 
+@pytest.mark.real  # the real Rspamd
 def test_broken_config_fails_fast_with_the_log(lab_dir: Path, nxdns) -> None:
     workdir = lab_dir / "broken-rspamd"
     workdir.mkdir()

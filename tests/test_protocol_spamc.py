@@ -398,6 +398,7 @@ def answer(decision: Decision) -> Callable:
 @pytest.mark.parametrize("args, golden", [
     (["-c"], cap.SPAMC_CHECK), (["-R"], cap.SPAMC_REPORT), (["-y"], cap.SPAMC_SYMBOLS),
     ([], cap.SPAMC_PROCESS), (["--headers"], cap.SPAMC_HEADERS), (["-K"], cap.SPAMC_PING)])
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_sends_the_golden_bytes(args, golden):
     server, proc = run_spamc(args, answer(ham()))
     assert server.raw == golden
@@ -405,6 +406,7 @@ def test_real_spamc_sends_the_golden_bytes(args, golden):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_check_spam_and_ham():
     _, proc = run_spamc(["-c"], answer(forwarding_reject()))
     assert (proc.returncode, proc.stdout) == (1, b"6.9/6.9\n")
@@ -412,22 +414,26 @@ def test_real_spamc_check_spam_and_ham():
     assert (proc.returncode, proc.stdout) == (0, b"-0.1/15.0\n")
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_report():
     _, proc = run_spamc(["-R"], answer(forwarding_reject()))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"6.9/6.9\n" + FWD_REPORT
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_report_ifspam_ham():
     _, proc = run_spamc(["-r"], answer(ham()))
     assert (proc.returncode, proc.stdout) == (0, b"")
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_symbols():
     _, proc = run_spamc(["-y"], answer(forwarding_reject()))
     assert proc.stdout == b"TEST_SPAM_HEADER,MIME_GOOD,EXIM_POLICY_FORWARDING"
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_process_and_headers():
     _, proc = run_spamc([], answer(gtube()))
     assert proc.stdout == GTUBE_HEADERS + cap.SPAMC_MESSAGE
@@ -436,11 +442,13 @@ def test_real_spamc_process_and_headers():
     assert proc.stdout == GTUBE_HEADERS + cap.SPAMC_MESSAGE
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_ping():
     _, proc = run_spamc(["-K"], answer(ham()))
     assert (proc.returncode, proc.stdout) == (0, b"SPAMD/1.5 0\n")
 
 
+@pytest.mark.real  # the real spamc binary
 def test_real_spamc_temporary_failure():
     # spamc ignores the code of an error line; the missing header block makes it fail with
     # EX_IOERR (74), which MTAs treat as temporary; -c prints 0/0

@@ -28,7 +28,8 @@ CONFIG = from_dict({"accounts": ACCOUNTS}).accounts
 OK, HELD, LOCKED = AccountStatus.OK, AccountStatus.HELD, AccountStatus.LOCKED
 
 
-@pytest.fixture(params=["memory", "sqlite", "cached", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "cached",
+                        pytest.param("redis", marks=pytest.mark.real)])
 def backend(request, tmp_path):
     """A factory: ``backend()`` opens the store (again: the same data, for persistence)."""
     kind = request.param
@@ -287,7 +288,9 @@ def test_prune_forgets_quiet_accounts_and_keeps_held_ones_and_history(backend):
 
 
 # ------------------------------------------------------------------- persistence --
-@pytest.mark.parametrize("backend", ["sqlite", "cached", "redis"], indirect=True)  # memory: no
+@pytest.mark.parametrize("backend", ["sqlite", "cached",  # memory: nothing to reopen
+                                     pytest.param("redis", marks=pytest.mark.real)],
+                         indirect=True)
 def test_a_lock_survives_reopening_the_store(backend):
     async def lock(store):
         await store.record("alice", None, [MANUAL_LOCK], T0)
