@@ -31,7 +31,7 @@ import dataclasses
 import http
 import json
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -125,6 +125,9 @@ class CheckV2Connection:
     character in a header value: 400), at a few percent of the CPU a pure-Python parser
     needs per request.
     """
+
+    #: the request's Content-Length (None: none, or chunked)
+    _length: int | None
 
     def __init__(self, *, max_header_bytes: int, max_body_bytes: int,
                  paths: tuple[str, ...] = (CHECK_PATH, PING_PATH)) -> None:
@@ -264,7 +267,7 @@ class CheckV2Connection:
         self._unfinished_head = 0
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._length: int | None = None
+        self._length = None
         self._expect_continue = False
         self._body = bytearray()
 
@@ -354,7 +357,8 @@ def build_reply(decision: Decision, *, milter: bool, outbound_spam: str) -> Repl
                                  allow_nan=False).encode("ascii"))
 
 
-def reply_document(decision: Decision, *, milter: bool, outbound_spam: str) -> dict:
+def reply_document(decision: Decision, *, milter: bool,
+                   outbound_spam: str) -> dict[str, Any]:
     scan = decision.scan
     action = client_action(decision.action)
     quarantine = decision.traffic is Traffic.OUTBOUND and action == REJECT

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import email.errors
 import email.header
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from .text import has_line_breaker, printable, split_address_list, strip_angle
@@ -53,7 +53,7 @@ def exim_mbox_wrap(message: bytes, *, sender: str | None, recipients: Sequence[s
     return head + message.replace(b"\r\n", b"\n")
 
 
-def _lines(body: bytes, start: int, limit: int):
+def _lines(body: bytes | bytearray, start: int, limit: int) -> Iterator[bytes | bytearray]:
     """Up to ``limit`` lines of ``body`` from offset ``start``, without LF / CRLF.
 
     Found with ``find`` so that a large body is never split or copied as a whole.
@@ -69,7 +69,8 @@ def _lines(body: bytes, start: int, limit: int):
         start = end + 1
 
 
-def leading_headers(body: bytes, max_lines: int = 64) -> list[tuple[str, str]]:
+def leading_headers(body: bytes | bytearray,
+                    max_lines: int = 64) -> list[tuple[str, str]]:
     """The header fields at the top of ``body`` (after a ``From `` line if there is one).
 
     Returns (name as sent, value) pairs, values decoded as latin-1 with continuation lines
@@ -99,7 +100,7 @@ def leading_headers(body: bytes, max_lines: int = 64) -> list[tuple[str, str]]:
     return found
 
 
-def envelope_from_mbox(body: bytes) -> tuple[str | None, tuple[str, ...]]:
+def envelope_from_mbox(body: bytes | bytearray) -> tuple[str | None, tuple[str, ...]]:
     """(sender, recipients) from Exim's ``X-Envelope-From``/``X-Envelope-To`` pseudo-headers.
 
     Only the first occurrence of each, in the run of pseudo-headers that directly follows the

@@ -70,7 +70,7 @@ class _Received:
     authenticated: bool = False
 
 
-def _received(body: bytes) -> _Received:
+def _received(body: bytes | bytearray) -> _Received:
     """Facts from Exim's own ``Received:``: the first header after the pseudo-headers.
 
     If that first real header is not a ``Received:``, nothing is trusted: a ``Received``
