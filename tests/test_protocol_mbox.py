@@ -39,7 +39,8 @@ def test_strip_only_the_first_line():
 
 # -------------------------------------------------------------------------------- wrap --
 def test_wrap_reproduces_exim_capture_0001_prefix():
-    """stack.md §4.1 capture 0001 (Exim 4.96): the wrapper lines are byte-identical."""
+    """Capture 0001 (Exim 4.96; docs/wire-formats.md, "Lab captures"): the wrapper lines are
+    byte-identical."""
     message = b"Received: from [127.0.0.1] (helo=client.test)\r\n\tby mx.stack.test\r\n"
     wrapped = exim_mbox_wrap(message, sender="alice@example.org", recipients=["bob@stack.test"],
                              now=datetime(2026, 11, 22, 5, 58, 15))

@@ -169,7 +169,8 @@ def scanner_down() -> Decision:
 
 # ---------------------------------------------------------------------- golden replies --
 def test_gtube_reject_matches_rspamd_bytes_except_the_true_flag_and_the_reason():
-    # Rspamd 3.4's own reply (protocols.md §2.2): ...Metric: default; False; 15.00 / 15.00...
+    # Rspamd 3.4's own reply (docs/wire-formats.md, "Rspamd's legacy protocol"):
+    # ...Metric: default; False; 15.00 / 15.00...
     assert rspamc.build_reply(gtube()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; True; 15.00 / 15.00 / 0.0\r\n"
         b"Action: reject\r\nSymbol: GTUBE(0.00)\r\nMessage: Gtube pattern\r\n"
@@ -178,7 +179,8 @@ def test_gtube_reject_matches_rspamd_bytes_except_the_true_flag_and_the_reason()
 
 
 def test_ham_no_action():
-    # Rspamd 3.4 through Exim (stack.md §4.2) plus the shim's reason (no public text)
+    # Rspamd 3.4 through Exim (docs/wire-formats.md, "Lab captures") plus the shim's reason
+    # (no public text)
     assert rspamc.build_reply(ham()) == (
         b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 0.00 / 15.00 / 0.0\r\n"
         b"Action: no action\r\nSymbol: ARC_NA(0.00)\r\nSymbol: FROM_NO_DN(0.00)\r\n"
@@ -338,7 +340,8 @@ def test_exim_sees_the_decision(decision):
 
 
 def test_real_rspamd_reply_shapes_parse_in_the_model():
-    """The model itself agrees with the captures in protocols.md §1.7 / §2.2."""
+    """The model itself agrees with the captures in docs/wire-formats.md ("Exim's reply
+    parser: variant=rspamd", "Rspamd's legacy protocol")."""
     real = (b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 15.00 / 15.00 / 0.0\r\n"
             b"Action: reject\r\nSymbol: GTUBE(0.00)\r\nMessage: Gtube pattern\r\n"
             b"Message-ID: probe-1@example.org\r\n")

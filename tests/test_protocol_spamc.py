@@ -297,11 +297,12 @@ def test_exim_sees_the_decision(decision):
 def test_exim_defers_on_temporary_failure_and_cannot_read_1_3_replies():
     assert exim.parse_spamassassin(spamc.build_reply(parsed(cap.EXIM_SA), soft())) is None
     # protocol >= 1.3 puts Content-length first: Exim (which always sends 1.2) could not parse
-    # it -- documented in protocols.md §1.8; this pins that the version switch matters
+    # it -- documented in docs/wire-formats.md, "Exim's reply parser: SpamAssassin variant";
+    # this pins that the version switch matters
     assert exim.parse_spamassassin(spamc.build_reply(parsed(cap.SPAMC_REPORT), ham())) is None
 
 
-def test_model_agrees_with_protocols_md_1_8():
+def test_model_agrees_with_exims_spamassassin_reply_parser():
     assert exim.parse_spamassassin(b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 15.0 / 5.0\r\n\r\nr").spam
     assert exim.parse_spamassassin(b"SPAMD/1.1 0 EX_OK\nSpam: False ; 1.0 / 5.0\n\n").spam is False
     assert exim.parse_spamassassin(b"SPAMD/1.1 0 EX_OK\r\nContent-length: 9\r\n\r\n6.0/5.0\r\nx").spam

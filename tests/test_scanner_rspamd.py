@@ -11,7 +11,7 @@ from exim_policy.model import Envelope, Traffic
 from exim_policy.scanner import ScannerError
 from exim_policy.scanner.rspamd import RspamdScanner, parse_reply, request_head
 
-# /checkv2 replies as captured from Rspamd 3.4 (shared protocol notes, §3.3)
+# /checkv2 replies as captured from Rspamd 3.4 (docs/wire-formats.md, "Rspamd's /checkv2 reply")
 GTUBE_JSON = (b'{"is_skipped":true,"score":15.0,"required_score":15.0,"action":"reject",'
               b'"symbols":{"GTUBE":{"name":"GTUBE","score":0.0,"metric_score":0.0}},'
               b'"messages":{"smtp_message":"Gtube pattern"},"message-id":"doc-gtube@example.org",'

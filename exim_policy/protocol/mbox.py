@@ -1,6 +1,7 @@
-"""Exim's scan-file wrapper (protocols.md §1.3): build it, strip it, read the envelope from it.
+"""Exim's scan-file wrapper: build it, strip it, read the envelope from it.
 
-Exim sends the message to the spam scanner as a one-message mbox written by spool_mbox.c::
+Exim sends the message to the spam scanner as a one-message mbox written by spool_mbox.c
+(docs/wire-formats.md, "Exim's scan file (both variants)")::
 
     From ${if def:return_path{$return_path}{MAILER-DAEMON}} ${tod_bsdinbox}\\n
     ${if def:sender_address{X-Envelope-From: <${sender_address}>\\n}}

@@ -52,9 +52,10 @@ MAX_HEADER_LINES = 256
 MAX_REQUEST_LINE = 256
 
 COMMANDS = {
-    # Rspamd's legacy mode understands only these two (protocols.md §2.1)
+    # Rspamd's legacy mode understands only these two
+    # (docs/wire-formats.md, "Rspamd's legacy protocol")
     "rspamc": frozenset({"CHECK", "SYMBOLS"}),
-    # spamd.raw command dispatch (protocols.md §4)
+    # spamd.raw command dispatch (docs/wire-formats.md, "SpamAssassin's spamd protocol")
     "spamc": frozenset({"CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "PROCESS",
                         "HEADERS", "PING", "SKIP", "TELL"}),
 }
@@ -92,7 +93,9 @@ class _State(enum.Enum):
 class RequestParser:
     """Incremental parser for one request; see the module docstring for the contract.
 
-    Framing rules (protocols.md §1.4, §1.5, §4, §8.1, §8.2):
+    Framing rules (docs/wire-formats.md: "Exim's request: SpamAssassin variant", "Exim's
+    request: variant=rspamd", "SpamAssassin's spamd protocol", "Rules for a
+    spamd-compatible server"):
 
     * RSPAMC requires ``Content-length`` and the request is complete as soon as that many
       body bytes arrived: Exim never half-closes in this variant, so waiting for EOF would

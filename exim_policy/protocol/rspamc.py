@@ -1,8 +1,9 @@
 """Exim ``variant=rspamd`` (``CHECK RSPAMC/1.3``): request -> Envelope, Decision -> reply bytes.
 
-The request headers carry the SMTP envelope (protocols.md §1.5). The reply is Rspamd's
-legacy text format (§2.2), built so that Exim's fixed ``sscanf`` (§1.7) reads exactly what
-the :class:`~exim_policy.model.Decision` says::
+The request headers carry the SMTP envelope (docs/wire-formats.md, "Exim's request:
+variant=rspamd"). The reply is Rspamd's legacy text format ("Rspamd's legacy protocol"),
+built so that Exim's fixed ``sscanf`` ("Exim's reply parser: variant=rspamd") reads exactly
+what the :class:`~exim_policy.model.Decision` says::
 
     RSPAMD/1.3 0 EX_OK
     Metric: default; <True|False>; <score> / <threshold> / 0.0

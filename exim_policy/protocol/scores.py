@@ -1,8 +1,9 @@
 """Score and threshold formatting shared by both reply codecs.
 
 Exim's ``spam`` condition is true iff ``score >= threshold`` where both numbers are parsed
-back (``sscanf %lf``) from the text we print (protocols.md §1.7, §1.8). The decision, not the
-raw numbers, must decide that truth, so the printed threshold is chosen from the *printed*
+back (``sscanf %lf``) from the text we print (docs/wire-formats.md, "Exim's reply parser:
+variant=rspamd" and "Exim's reply parser: SpamAssassin variant"). The decision, not the raw
+numbers, must decide that truth, so the printed threshold is chosen from the *printed*
 score: :func:`exim_threshold`.
 
 Numbers are always formatted with ``%``-formatting, which ignores the locale: Exim needs

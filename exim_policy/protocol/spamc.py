@@ -2,11 +2,13 @@
 
 Clients: Exim's default variant (``REPORT SPAMC/1.2``, then a half-close) and ``spamc``
 (``SPAMC/1.5``). Exim sends no envelope headers in this variant, so the context comes from
-three places only (protocols.md §1.3, §7): the ``User:`` header (the ``spam = NAME`` name),
+three places only (docs/wire-formats.md, "Exim's scan file (both variants)" and "Rules for
+a spamd-compatible server"): the ``User:`` header (the ``spam = NAME`` name),
 Exim's ``X-Envelope-From``/``X-Envelope-To`` mbox pseudo-headers, and Exim's own
 ``Received:`` header right after them.
 
-Reply shapes (protocols.md §1.8, §4, §8.8)::
+Reply shapes (docs/wire-formats.md: "Exim's reply parser: SpamAssassin variant",
+"SpamAssassin's spamd protocol", "Rules for a spamd-compatible server")::
 
     version < 1.3 (Exim):  SPAMD/1.1 0 EX_OK\\r\\nSpam: True ; 15.0 / 6.9\\r\\n\\r\\n<body>
     version >= 1.3:        SPAMD/1.1 0 EX_OK\\r\\nContent-length: N\\r\\nSpam: ...\\r\\n\\r\\n<body>

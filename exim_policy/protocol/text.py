@@ -8,7 +8,8 @@ from __future__ import annotations
 import ipaddress
 
 #: Exim keeps 32599 bytes of a reply and copies ``$spam_report`` into a 32600-byte buffer
-#: without a bounds check (protocols.md §1.6, §1.9), so every reply stays well below that.
+#: without a bounds check (docs/wire-formats.md, "How Exim reads a reply" and "What the ACL
+#: sees"), so every reply stays well below that.
 MAX_REPLY_BYTES = 30000
 #: longest value kept on one reply line (a Message, Reason, Subject or Symbol line of the
 #: RSPAMC reply, a line of the SpamAssassin report): with it the lines that are never

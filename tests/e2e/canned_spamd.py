@@ -5,7 +5,8 @@ are hard to get from a real Rspamd on demand (soft reject, a custom reason sente
 rewritten subject, a close without an answer).  It is an addition to the end-to-end tests
 with the real shim and Rspamd, not a replacement.
 
-Framing as Exim needs it (protocols.md 1.5/1.6): the request is headers up to a blank
+Framing as Exim needs it (docs/wire-formats.md, "Exim's request: variant=rspamd" and "How
+Exim reads a reply"): the request is headers up to a blank
 line, then exactly ``Content-length`` body bytes (Exim does not half-close); the server
 answers, then closes (Exim reads to EOF).
 """

@@ -1,13 +1,14 @@
 """Request bytes captured from the real peers, used as golden test data.
 
-Sources (copied as facts, never read at test time from ../shared):
+Sources (copied here as facts; nothing outside the repository is read at test time):
 
 * EXIM_RSPAMC_*, EXIM_SA_*: Exim 4.96 (Debian exim4-daemon-heavy 4.96-15+deb12u10) talking to
-  a byte-recording capture server, as documented in the project's protocol notes
-  (protocols.md §1.3-§1.5 and stack.md §4.1). The request header bytes are verbatim. The
-  notes elide part of each mbox body ("..."); the elided part is replaced by filler so that
-  the body has exactly the captured Content-length. Everything Exim-specific that the codecs
-  read (From_ line, X-Envelope-*, Exim's Received:) is verbatim where the notes have it.
+  a byte-recording capture server, as described in docs/wire-formats.md ("Exim's scan file
+  (both variants)", "Exim's request: SpamAssassin variant", "Exim's request: variant=rspamd"
+  and "Lab captures"). The request header bytes are verbatim. The recorded captures elide
+  part of each mbox body ("..."); the elided part is replaced by filler so that the body has
+  exactly the captured Content-length. Everything Exim-specific that the codecs read (From_
+  line, X-Envelope-*, Exim's Received:) is verbatim where the captures have it.
 * SPAMC_*: spamc 4.0.1 (Debian 4.0.1-1~deb12u1), captured for this project with
   ``spamc -d 127.0.0.1 -p PORT [-c|-R|-y|-K]`` reading SPAMC_MESSAGE on stdin, against a
   throwaway Python socket server that recorded every byte until spamc half-closed.
@@ -25,7 +26,7 @@ def _pad(prefix: bytes, suffix: bytes, total: int) -> bytes:
     return body
 
 
-# --- Exim 4.96, protocols.md §1.3: the 484-byte scan file of a 2-recipient message ----------
+# --- Exim 4.96, "Exim's scan file (both variants)": the 484-byte scan file, 2 recipients -----
 EXIM_MBOX_484 = _pad(
     b"From MAILER-DAEMON Sun Nov 22 05:56:46 2026\n"
     b"X-Envelope-From: <sender@example.org>\n"
@@ -40,7 +41,7 @@ EXIM_MBOX_484 = _pad(
     b"\nHello world\n.dot line\n",
     484)
 
-# --- Exim 4.96 variant=rspamd, protocols.md §1.5 (authenticated via -oMai) -------------------
+# --- Exim 4.96, "Exim's request: variant=rspamd" (authenticated via -oMai) -------------------
 EXIM_RSPAMC_AUTH_HEAD = (
     b"CHECK RSPAMC/1.3\r\nContent-length: 484\r\nQueue-Id: 1xV0ZC-0003TR-0m\r\n"
     b"From: <sender@example.org>\r\nRecipient-Number: 2\r\nRcpt: <rcpt1@example.com>\r\n"
@@ -48,11 +49,11 @@ EXIM_RSPAMC_AUTH_HEAD = (
     b"IP: 192.0.2.10\r\nUser: alice@example.com\r\n\r\n")
 EXIM_RSPAMC_AUTH = EXIM_RSPAMC_AUTH_HEAD + EXIM_MBOX_484
 
-# --- Exim 4.96 default (SpamAssassin) variant, protocols.md §1.4 ------------------------------
+# --- Exim 4.96 default variant, "Exim's request: SpamAssassin variant" ------------------------
 EXIM_SA_HEAD = b"REPORT SPAMC/1.2\r\nUser: nobody\r\nContent-length: 484\r\n\r\n"
 EXIM_SA = EXIM_SA_HEAD + EXIM_MBOX_484
 
-# --- Exim 4.96 -> rspamd through a tap, stack.md §4.1, capture 0001 (unauthenticated) --------
+# --- Exim 4.96 -> rspamd through a tap, "Lab captures", capture 0001 (unauthenticated) -------
 EXIM_RSPAMC_0001_HEAD = (
     b"CHECK RSPAMC/1.3\r\nContent-length: 3312\r\nQueue-Id: 1xV0ad-0003s2-0s\r\n"
     b"From: <alice@example.org>\r\nRecipient-Number: 1\r\nRcpt: <bob@stack.test>\r\n"
@@ -71,7 +72,7 @@ EXIM_MBOX_0001 = _pad(
     3312)
 EXIM_RSPAMC_0001 = EXIM_RSPAMC_0001_HEAD + EXIM_MBOX_0001
 
-# --- stack.md §4.1, capture 0003 (authenticated as "tester", so "with esmtpa") ----------------
+# --- "Lab captures", capture 0003 (authenticated as "tester", so "with esmtpa") ---------------
 EXIM_RSPAMC_0003_HEAD = (
     b"CHECK RSPAMC/1.3\r\nContent-length: 3318\r\nQueue-Id: 1xV0ad-0003sE-2a\r\n"
     b"From: <tester@stack.test>\r\nRecipient-Number: 1\r\nRcpt: <carol@example.com>\r\n"
@@ -82,7 +83,7 @@ EXIM_MBOX_0003 = _pad(
     b"X-Envelope-To: carol@example.com\n"
     b"Received: from [127.0.0.1] (helo=client.test)\n"
     b"\tby mx.stack.test with esmtpa (Exim 4.96)\n"
-    # the notes stop here; the rest of Exim's Received follows its default template
+    # the recorded capture stops here; the rest of Exim's Received follows its default template
     b"\t(envelope-from <tester@stack.test>)\n"
     b"\tid 1xV0ad-0003sE-2a\n"
     b"\tfor carol@example.com;\n"
@@ -90,7 +91,8 @@ EXIM_MBOX_0003 = _pad(
     b"\n" + b"auth body line\n" * 100,
     3318)
 EXIM_RSPAMC_0003 = EXIM_RSPAMC_0003_HEAD + EXIM_MBOX_0003
-#: the same scan file as Exim's SpamAssassin variant would send it (§1.4 header shape)
+#: the same scan file as Exim's SpamAssassin variant would send it (the header shape of
+#: docs/wire-formats.md, "Exim's request: SpamAssassin variant")
 EXIM_SA_0003 = b"REPORT SPAMC/1.2\r\nUser: nobody\r\nContent-length: 3318\r\n\r\n" + EXIM_MBOX_0003
 
 # --- spamc 4.0.1 ------------------------------------------------------------------------------

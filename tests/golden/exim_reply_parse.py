@@ -1,8 +1,9 @@
 """A faithful Python model of how Exim 4.96 (src/spam.c) parses a spamd reply.
 
 Used by the codec tests to prove that the bytes we send make Exim see exactly what the
-Decision says. Modelled on protocols.md §1.6-1.9 (source reading + experiments with the real
-Exim 4.96); the real-Exim proof is in the end-to-end tests.
+Decision says. Modelled on docs/wire-formats.md, "How Exim reads a reply" to "What the ACL
+sees" (source reading + experiments with the real Exim 4.96); the real-Exim proof is in the
+end-to-end tests.
 
 * :func:`sscanf` implements the C ``sscanf`` directives Exim's formats use: literal bytes,
   whitespace (matches zero or more whitespace bytes), ``%Ns``, ``%*s``, ``%lf``, ``%*u``, ``%n``.
@@ -120,7 +121,8 @@ def _view(score: float, threshold: float, action: str, rest: bytes) -> EximView:
 
 
 def parse_rspamd(reply: bytes, stale_action: str = "") -> EximView | None:
-    """Exim's variant=rspamd parse (protocols.md §1.7); None means DEFER."""
+    """Exim's variant=rspamd parse (docs/wire-formats.md, "Exim's reply parser:
+    variant=rspamd"); None means DEFER."""
     buf = reply[:EXIM_READ_LIMIT]
     rc, vals = sscanf(buf, b"RSPAMD/%7s 0 EX_OK\r\nMetric: default; %7s %lf / %lf / %lf\r\n%n")
     if rc != 5 or vals[5] >= len(buf):
@@ -139,7 +141,8 @@ def parse_rspamd(reply: bytes, stale_action: str = "") -> EximView | None:
 
 
 def parse_spamassassin(reply: bytes) -> EximView | None:
-    """Exim's SpamAssassin-variant parse (protocols.md §1.8); None means DEFER."""
+    """Exim's SpamAssassin-variant parse (docs/wire-formats.md, "Exim's reply parser:
+    SpamAssassin variant"); None means DEFER."""
     buf = reply[:EXIM_READ_LIMIT]
     rc, vals = sscanf(buf, b"SPAMD/%7s 0 EX_OK\r\nContent-length: %*u\r\n\r\n%lf/%lf\r\n%n")
     if rc != 3:
@@ -147,7 +150,8 @@ def parse_spamassassin(reply: bytes) -> EximView | None:
         if rc != 3:
             return None
     score, threshold = vals[1], vals[2]
-    # no offset check in this branch: an empty report is fine (protocols.md §1.8)
+    # no offset check in this branch: an empty report is fine
+    # (docs/wire-formats.md, "Exim's reply parser: SpamAssassin variant")
     rest = buf[vals[3]:]
     action = "reject" if score >= threshold else "no action"
     return _view(score, threshold, action, rest)
