@@ -28,7 +28,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 import prometheus_client
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,

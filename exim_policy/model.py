@@ -121,7 +121,7 @@ class ScanResult:
     add_headers: tuple[tuple[str, str], ...] = ()
     #: Rspamd's whole JSON reply, passed on unchanged to HTTP clients where the shim keeps
     #: the verdict (None: not from JSON); never changed once parsed
-    raw: "dict[str, Any] | None" = field(default=None, compare=False, repr=False)
+    raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,12 @@ class Context:
     #: recipients (as given in the envelope) that forward to an external mailbox
     forwarding: frozenset[str] = frozenset()
     #: the sending account (outbound mail with accounts on), see AccountFacts
-    account: "AccountFacts | None" = None
+    account: AccountFacts | None = None
     #: the message's Subject (evidence for incident notices), decoded leniently
     subject: str | None = None
     #: the traffic class and why (policy.classify), when the caller has it already (the
     #: pipeline needs it before the scan); None: decide() classifies
-    traffic: "tuple[Traffic, str] | None" = None
+    traffic: tuple[Traffic, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class Decision:
     #: whose text no client sees (no action, add header, ...)
     message: str | None = None
     #: the account part (outbound mail with accounts on): its status and what to record
-    account: "AccountOutcome | None" = None
+    account: AccountOutcome | None = None
     #: policy.mode = "shadow": the action the shim would have answered instead (None: the
     #: answer is the shim's own, or it would have been the same)
     would: str | None = None
@@ -244,7 +244,7 @@ class Incident:
     shadow: bool = False
     closed: float | None = None
     #: the evidence of its last transition (JSON-ready: what the notice carried)
-    evidence: "dict[str, Any]" = field(default_factory=dict, compare=False)
+    evidence: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ class Notifier:
 
     #: counts deliveries by channel and result (None: metrics off); set by
     #: Metrics.instrument. Called from the worker thread: its counters are thread-safe
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
 
     def __init__(self, config: NotifyConfig) -> None:
         self.config = config

@@ -10,7 +10,8 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
 
 from .config import Config
 from .model import (Context, Decision, Envelope, Request, ScanFailure, ScanResult, ScanSkipped,
@@ -43,7 +44,7 @@ class Evaluation:
 class PolicyService:
     #: counts each message once it is decided (None: metrics off); set by
     #: :meth:`Metrics.instrument <exim_policy.metrics.Metrics.instrument>`
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
 
     def __init__(self, config: Config, scanner: Scanner, forwards: Callable[[str], bool],
                  accounts: AccountTracker | None = None, *, record: bool = True,

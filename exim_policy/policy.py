@@ -81,7 +81,7 @@ def over_limit(state: AccountState, recipients: int, fresh: int | None,
                config: Config) -> str | None:
     """The first limit a message of ``recipients`` recipients (``fresh`` of them new to a
     window; None: as the store counted them) would go over, as text, or None."""
-    for limit, counts in zip(config.accounts.limits, state.windows):
+    for limit, counts in zip(config.accounts.limits, state.windows, strict=True):
         new = counts.fresh_recipients if fresh is None else fresh
         per = format_duration(limit.window)
         if limit.messages and counts.messages + 1 > limit.messages:
@@ -154,7 +154,6 @@ def _shadowed(decision: Decision, scan: ScanResult, config: Config) -> Decision:
     shadow: accounts_shadow)."""
     if decision.action == scan.action:
         return decision
-    summary = f"Rspamd said {scan.action!r}, score {scan.score:.2f} / {scan.required_score:.2f}"
     return dataclasses.replace(
         decision, action=scan.action, would=decision.action, defer=False,
         message=_rspamd_text(scan, config),

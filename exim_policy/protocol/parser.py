@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ..model import ProtocolError, Request
 

@@ -29,7 +29,7 @@ def clean_score(value: float | None) -> float:
 
 def format_number(value: float, decimals: int = 2) -> str:
     """A finite ``value`` as printed on the wire (``%.{decimals}f``); never ``-0.00``."""
-    text = "%.*f" % (decimals, value)
+    text = f"{value:.{decimals}f}"
     if text.startswith("-") and float(text) == 0.0:
         text = text[1:]
     return text

@@ -51,7 +51,7 @@ IncidentLookup = Callable[[str, float], Awaitable["int | None"]]
 
 class QuarantineReceiver:
     #: counts what DATA ended in (None: metrics off); set by Metrics.instrument
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
 
     def __init__(self, config: Config, store: QuarantineStore,
                  incident_of: IncidentLookup | None = None) -> None:
@@ -77,7 +77,7 @@ class QuarantineReceiver:
         if self.metrics is not None:
             self.metrics.quarantined(result)
 
-    def _session(self) -> "_Session":
+    def _session(self) -> _Session:
         return _Session(self, _Handler(self), hostname="exim-policy-quarantine",
                         ident="exim-policy quarantine", timeout=IDLE_TIMEOUT,
                         data_size_limit=self.config.quarantine.max_message_size,

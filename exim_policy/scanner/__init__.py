@@ -6,12 +6,12 @@ one place.
 """
 from __future__ import annotations
 
-from typing import Protocol, Union
+from typing import Protocol
 
 from ..model import Envelope, ScanResult, Traffic
 
 #: the message as the transport holds it: scanners take it without copying it
-Message = Union[bytes, bytearray, memoryview]
+Message = bytes | bytearray | memoryview
 
 
 #: what went wrong, for the metrics (a small fixed set: it is a label value)

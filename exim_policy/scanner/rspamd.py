@@ -20,6 +20,7 @@ from ..protocol.text import has_line_breaker
 from . import BAD_REPLY, CONNECT, HTTP_STATUS, TIMEOUT, Message, ScannerError
 from .rspamd_json import result_from_json
 
+DEFAULT_SETTINGS_IDS = SettingsIds()
 #: Rspamd's JSON for a message is small; anything far larger is not a reply we can use
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 
@@ -142,7 +143,7 @@ class _Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(exc if exc is not None else b"".join(self.chunks))
 
-    def _finish(self, outcome: "bytes | BaseException") -> None:
+    def _finish(self, outcome: bytes | BaseException) -> None:
         if self.done.done():
             return
         if isinstance(outcome, BaseException):
@@ -160,7 +161,7 @@ class RspamdScanner:
         return cls(config.url, config.timeout, config.settings_id)
 
     def __init__(self, url: str, timeout: float,
-                 settings_ids: SettingsIds = SettingsIds()) -> None:
+                 settings_ids: SettingsIds = DEFAULT_SETTINGS_IDS) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 11333

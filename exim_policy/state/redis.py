@@ -28,7 +28,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import AccountsConfig, ConfigError
 from ..model import (AccountState, AccountStatus, Counts, Incident, MessageEvent, Transition,
@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - the [redis] extra is not installed
     RedisError = OSError  # type: ignore[assignment,misc]
 
 #: a script argument as the client sends it
-_Arg = Union[bytes, str, int, float]
+_Arg = bytes | str | int | float
 #: seconds for a connect and for one command (a slow store must not hold mail long)
 TIMEOUT = 2.0
 

@@ -42,7 +42,7 @@ PRUNE_EVERY = 60.0
 
 class AccountTracker:
     #: counts transitions and store errors (None: metrics off); set by Metrics.instrument
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
 
     def __init__(self, config: Config, store: AccountStore,
                  notify: Callable[[Applied], None] | None = None,

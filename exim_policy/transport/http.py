@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
 from ..model import ProtocolError, Request
@@ -191,8 +191,8 @@ class _HttpConnection(asyncio.Protocol):
             log.exception("error while handling an HTTP request from %s", self.peer)
             if server.metrics is not None:
                 server.metrics.handler_error(server.name)
-            self._fail(ProtocolError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the exim-policy log)"),
-                       quiet=True)
+            self._fail(ProtocolError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                     "internal error (see the exim-policy log)"), quiet=True)
             return
         finally:
             del request  # the body's bytes go as soon as the answer is known

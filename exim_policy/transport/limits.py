@@ -17,7 +17,8 @@ from their protocol callbacks.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 
 class Sheddable(Protocol):
