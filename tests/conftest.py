@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-# tests/messages.py is importable as plain ``messages`` whether or not tests/ is a package
+# tests/*.py helpers (alias_sets, test_shim_real) are importable by their plain names
+# whether or not tests/ is a package
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)

@@ -15,11 +15,10 @@ import uuid
 
 import pytest
 
+from exim_policy.lab import messages
 from exim_policy.lab.ports import LOOPBACK
 from exim_policy.lab.shim import ShimLab
 from exim_policy.protocol.mbox import exim_mbox_wrap
-
-import messages
 
 pytestmark = pytest.mark.real
 

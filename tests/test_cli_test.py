@@ -3,8 +3,8 @@
 Each test writes a config in tmp_path whose ``[rspamd] url`` is the session Rspamd and whose
 ``[forwarding] map`` lists ``fwd@lab.test``. ``--ip 127.0.0.1`` is passed wherever the
 verdict matters (without an IP, Rspamd's offline NXDOMAIN answers push ham to "add header",
-see tests/messages.py). The command runs in-process through ``cli.main`` (capsys), and as a
-real ``python -m exim_policy`` subprocess where noted.
+see exim_policy/lab/messages.py). The command runs in-process through ``cli.main``
+(capsys), and as a real ``python -m exim_policy`` subprocess where noted.
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from exim_policy.cli import main
-from exim_policy.envelope_guess import as_exim_sends, guess_envelope, strip_exim_wrapper
+from exim_policy.commands.test.envelope_guess import (as_exim_sends, guess_envelope,
+                                                      strip_exim_wrapper)
+from exim_policy.lab import messages
 from exim_policy.lab.ports import free_port
 from exim_policy.model import Envelope
 from exim_policy.protocol.mbox import exim_mbox_wrap
-
-import messages
 
 pytestmark = pytest.mark.real
 
@@ -480,7 +480,8 @@ def test_unreadable_file_subprocess(config, tmp_path):
 def test_daemon_modules_never_import_rich():
     code = ("import sys\n"
             "import exim_policy.daemon, exim_policy.transport.spamd, exim_policy.pipeline\n"
-            "import exim_policy.cli, exim_policy.commands.test, exim_policy.outcome\n"
+            "import exim_policy.cli, exim_policy.commands.test.engine\n"
+            "import exim_policy.commands.test.exim_outcome\n"
             "print('rich' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import messages
+from exim_policy.lab import messages
 from exim_policy.lab.rspamd import TEST_SPAM_HEADER_RULE, RspamdLab
 
 pytestmark = pytest.mark.real

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from exim_policy.lab import LabError, LabUnavailable, RspamdLab, SmtpSink
+from exim_policy.lab import LabError, LabUnavailable, RspamdLab, SmtpSink, messages
 from exim_policy.lab.haraka import HarakaLab, contrib_rspamd_ini, render_rspamd_ini
 
 pytestmark = pytest.mark.real

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from exim_policy.lab import Lab, LabUnavailable, check_prerequisites
+from exim_policy.lab import Lab, LabUnavailable, check_prerequisites, messages
 from exim_policy.lab.ports import tcp_accepts
 from exim_policy.lab.process import group_members, pid_alive
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from exim_policy.lab import LabError, LabUnavailable, NxDns, RspamdLab, SmtpSink
+from exim_policy.lab import LabError, LabUnavailable, NxDns, RspamdLab, SmtpSink, messages
 from exim_policy.lab.contrib import read_contrib
 from exim_policy.lab.ports import LOOPBACK, tcp_accepts
 from exim_policy.lab.postfix import (HOSTNAME, PostfixLab, QueuedMessage, check_prerequisites,

@@ -1,7 +1,7 @@
 """The lab's real Rspamd 3.4, spoken to directly over HTTP (/ping, /checkv2) with urllib.
 
 Scans say ``IP: 127.0.0.1`` and use a ``To:`` equal to the envelope recipient, like Exim's
-requests for a loopback client (see tests/messages.py for why both matter).
+requests for a loopback client (see exim_policy/lab/messages.py for why both matter).
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from exim_policy.lab import LabError, LabUnavailable, RspamdLab, check_prerequisites
+from exim_policy.lab import LabError, LabUnavailable, RspamdLab, check_prerequisites, messages
 from exim_policy.lab.ports import tcp_accepts
 from exim_policy.lab.process import group_members
 

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-import messages
-from exim_policy.lab import SmtpSink
+from exim_policy.lab import SmtpSink, messages
 
 
 def _send(sink: SmtpSink, sender: str, rcpts: list[str], data: bytes) -> None:

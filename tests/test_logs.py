@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import messages
 from exim_policy.config import ConfigError, LoggingConfig, from_dict
+from exim_policy.lab import messages
 from exim_policy.lab.shim import ShimLab
 from exim_policy.logs import JsonFormatter, handler_for
 from exim_policy.model import Context, Envelope, ScanResult

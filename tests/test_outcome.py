@@ -10,19 +10,7 @@ import dataclasses
 
 import pytest
 
-from exim_policy.model import (
-    ADD_HEADER,
-    GREYLIST,
-    NO_ACTION,
-    REJECT,
-    REWRITE_SUBJECT,
-    SOFT_REJECT,
-    Decision,
-    ScanFailure,
-    ScanResult,
-    Traffic,
-)
-from exim_policy.outcome import (
+from exim_policy.commands.test.exim_outcome import (
     ACCEPTED,
     DEFAULT_QUARANTINE,
     DEFAULT_REJECT_TEXT,
@@ -34,6 +22,18 @@ from exim_policy.outcome import (
     EximOutcome,
     acl_text,
     exim_outcome,
+)
+from exim_policy.model import (
+    ADD_HEADER,
+    GREYLIST,
+    NO_ACTION,
+    REJECT,
+    REWRITE_SUBJECT,
+    SOFT_REJECT,
+    Decision,
+    ScanFailure,
+    ScanResult,
+    Traffic,
 )
 from exim_policy.protocol.rspamc import MAX_VALUE_BYTES
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import messages
+from exim_policy.lab import messages
 from exim_policy.lab.ports import free_port
 from exim_policy.lab.shim import ShimLab
 from test_shim_real import LOCAL, action_of, ask, exim_rspamc

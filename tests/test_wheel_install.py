@@ -144,10 +144,10 @@ def test_demo_runs_from_the_installed_package(installed):
     """The demo's Exim runs the installed exim/ configuration: no checkout needed."""
     if os.geteuid() != 0:
         pytest.fail("the demo must run as root", pytrace=False)
-    from exim_policy.commands import demo
+    from exim_policy.lab.scenarios import scenarios
 
     result = installed.exim_policy("demo")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    total = len(demo.scenarios())
+    total = len(scenarios())
     assert f"{total} of {total} scenarios as expected" in out, out

@@ -29,15 +29,12 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from e2e_helpers import (FORWARD_TARGET, FORWARDER, Stack, running_stack,  # noqa: E402
-                         start_or_fail)
+from e2e_helpers import Stack, running_stack, start_or_fail  # noqa: E402
 
 from exim_policy.lab import RspamdLab, SmtpSink  # noqa: E402
+from exim_policy.lab.addresses import ALIASES, FORWARDER, RELAY_HOST  # noqa: E402
 from exim_policy.lab.exim import EximLab, ipv6_loopback_available  # noqa: E402
 from exim_policy.lab.shim import ShimLab  # noqa: E402
-
-RELAY_HOST = "::1"
-ALIASES = {"fwd": FORWARD_TARGET}
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,9 @@
-"""SMTP client and lookup helpers for the end-to-end tests (smtplib against the real Exim)."""
+"""Fixture helpers of the end-to-end tests: the stack, a Debian Exim configuration, log
+checks. The SMTP client, the mailbox / sink lookups and the addresses are the lab's
+(:mod:`exim_policy.lab.smtp`, :mod:`exim_policy.lab.addresses`)."""
 from __future__ import annotations
 
-import email.message
 import re
-import smtplib
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +12,6 @@ import pytest
 from exim_policy.lab import RspamdLab, SmtpSink
 from exim_policy.lab.exim import HOSTNAME, EximLab
 from exim_policy.lab.shim import ShimLab
-
-LOCAL = "bob@lab.test"
-LOCAL2 = "carol@lab.test"
-FORWARDER = "fwd@lab.test"
-FORWARD_TARGET = "ext-fwd@example.com"
-EXTERNAL = "carol@example.com"
-EXTERNAL2 = "dave@example.net"
-USER_ADDRESS = "tester@lab.test"
-AUTH = ("tester", "testpass")
-INBOUND_SENDER = "alice@example.org"
 
 
 #: the main section of a lab site configuration (EximLab ``template=``), on the SITE_*
@@ -45,107 +33,6 @@ rfc1413_hosts =
 rfc1413_query_timeout = 0s
 log_selector = -host_lookup_failed
 """
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the SMTP client saw at the end of DATA (or earlier, if a command failed)."""
-
-    code: int
-    text: str
-    #: Exim's message id from "250 OK id=...", None if not accepted
-    queue_id: str | None
-    stage: str = "data"
-
-    @property
-    def accepted(self) -> bool:
-        return self.code == 250 and self.stage == "data"
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text} ({self.stage})"
-
-
-def send(exim: EximLab, message: bytes, rcpts: Iterable[str], *,
-         sender: str = INBOUND_SENDER, auth: tuple[str, str] | None = None,
-         host: str = "127.0.0.1", timeout: float = 60.0) -> Outcome:
-    """One SMTP transaction through the lab's Exim; never raises for a 4xx/5xx reply.
-
-    ``host`` is also the client's source address (loopback): "::1" makes the client a
-    different host from Exim's point of view than "127.0.0.1".
-    """
-    return transaction(host, exim.port, message, rcpts, sender=sender, auth=auth,
-                       timeout=timeout)
-
-
-def transaction(host: str, port: int, message: bytes, rcpts: Iterable[str], *,
-                sender: str = INBOUND_SENDER, auth: tuple[str, str] | None = None,
-                helo: str = "client.test", timeout: float = 60.0) -> Outcome:
-    """One SMTP transaction with any MTA of the lab (Exim, Haraka, Postfix); never raises
-    for a 4xx/5xx reply. ``auth``: (user, password) for AUTH (offered on loopback)."""
-    with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout) as smtp:
-        smtp.ehlo(helo)
-        if auth is not None:
-            smtp.login(*auth)
-        code, text = smtp.mail(sender)
-        if code != 250:
-            return Outcome(code, _text(text), None, "mail")
-        for rcpt in rcpts:
-            code, text = smtp.rcpt(rcpt)
-            if code not in (250, 251):
-                return Outcome(code, _text(text), None, f"rcpt {rcpt}")
-        try:
-            code, text = smtp.data(message)
-        except smtplib.SMTPDataError as exc:
-            return Outcome(exc.smtp_code, _text(exc.smtp_error), None)
-    found = re.search(r"\bid=(\S+)", _text(text))
-    return Outcome(code, _text(text), found.group(1) if found else None)
-
-
-def _text(raw: bytes | str) -> str:
-    """SMTP reply text on one line (Exim splits long ACL messages over several lines)."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    return re.sub(r"\s*\n(?:\d{3}[ -])?(?:\d\.\d{1,3}\.\d{1,3} )?", " ", text).strip()
-
-
-def by_message_id(messages: Iterable[email.message.EmailMessage], message_id: str
-                  ) -> list[email.message.EmailMessage]:
-    """The messages whose Message-ID header is ``<message_id>``."""
-    return [m for m in messages if (m.get("Message-ID") or "").strip("<> ") == message_id]
-
-
-def in_mailbox(exim: EximLab, user: str, message_id: str) -> list[email.message.EmailMessage]:
-    return by_message_id(exim.maildir_messages(user), message_id)
-
-
-def in_sink(sink, message_id: str) -> list:
-    """Sink messages (SinkMessage tuples) carrying ``message_id``."""
-    needle = f"<{message_id}>".encode()
-    return [m for m in sink.messages if needle in m.data]
-
-
-def wait_mailbox(exim: EximLab, user: str, message_id: str, timeout: float = 15.0
-                 ) -> email.message.EmailMessage:
-    """Wait for the message with ``message_id`` to be delivered to ``user``'s Maildir."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = in_mailbox(exim, user, message_id)
-        if found:
-            return found[0]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"message {message_id} not in mailbox {user} after "
-                                 f"{timeout}s\n{exim.log_tail()}")
-        time.sleep(0.05)
-
-
-def wait_sink(sink, message_id: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = in_sink(sink, message_id)
-        if found:
-            return found[0]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"message {message_id} not in the SMTP sink after {timeout}s")
-        time.sleep(0.05)
 
 
 def no_bounce_since(exim: EximLab, log_offset: int) -> bool:

@@ -15,13 +15,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import messages
 import pytest
-from e2e_helpers import EXTERNAL, USER_ADDRESS, send, start_or_fail, wait_mailbox, wait_sink
+from e2e_helpers import start_or_fail
 
-from exim_policy.lab import SmtpSink
+from exim_policy.lab import SmtpSink, messages
+from exim_policy.lab.addresses import EXTERNAL, USER_ADDRESS
 from exim_policy.lab.exim import DEFAULT_USERS, EximLab, free_port_v4_v6
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import send, wait_mailbox, wait_sink
 
 pytestmark = pytest.mark.real
 

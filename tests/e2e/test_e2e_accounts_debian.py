@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 from e2e_helpers import build_debian_config
 
+from exim_policy.lab import messages
 from exim_policy.lab.exim import HOSTNAME, check_prerequisites, crypt_sha512
 from exim_policy.lab.ports import LOOPBACK
 from exim_policy.lab.shim import ShimLab
 from exim_policy.protocol.mbox import exim_mbox_wrap
-
-import messages
 
 pytestmark = pytest.mark.real
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from canned_spamd import CannedRequest, CannedSpamd, rspamc_reply
-from e2e_helpers import (AUTH, EXTERNAL, LOCAL, USER_ADDRESS, build_debian_config, send,
-                         wait_mailbox)
+from e2e_helpers import build_debian_config
 
 from exim_policy.lab import LabError, LabUnavailable
+from exim_policy.lab.addresses import AUTH, EXTERNAL, LOCAL, USER_ADDRESS
 from exim_policy.lab.exim import QUARANTINE, EximLab, check_prerequisites, find_exim_dir
+from exim_policy.lab.smtp import send, wait_mailbox
 
 pytestmark = pytest.mark.real
 

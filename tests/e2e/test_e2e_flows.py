@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
-import messages
 import pytest
-from e2e_helpers import (AUTH, EXTERNAL, EXTERNAL2, FORWARD_TARGET, FORWARDER, LOCAL, LOCAL2,
-                         USER_ADDRESS, in_mailbox, in_sink, no_bounce_since, normalise, send,
-                         wait_mailbox, wait_sink)
+from e2e_helpers import no_bounce_since, normalise
+
+from exim_policy.lab import messages
+from exim_policy.lab.addresses import (AUTH, EXTERNAL, EXTERNAL2, FORWARD_TARGET, FORWARDER, LOCAL,
+                                       LOCAL2, USER_ADDRESS)
+from exim_policy.lab.smtp import in_mailbox, in_sink, send, wait_mailbox, wait_sink
 
 pytestmark = pytest.mark.real
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from e2e_helpers import (EXTERNAL, FORWARDER, Outcome, in_sink, start_or_fail, transaction,
-                         wait_sink)
+from e2e_helpers import start_or_fail
 from exim_policy.config import TextsConfig
-from exim_policy.lab import RspamdLab, SmtpSink
+from exim_policy.lab import RspamdLab, SmtpSink, messages
+from exim_policy.lab.addresses import EXTERNAL, FORWARDER
 from exim_policy.lab.haraka import HarakaLab
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import Outcome, in_sink, transaction, wait_sink
 
 pytestmark = pytest.mark.real
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import messages
-from e2e_helpers import FORWARD_TARGET, FORWARDER, send, start_or_fail
-from exim_policy.lab import RspamdLab, SmtpSink
+from e2e_helpers import start_or_fail
+from exim_policy.lab import RspamdLab, SmtpSink, messages
+from exim_policy.lab.addresses import FORWARD_TARGET, FORWARDER
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.ports import free_port
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import send
 from exim_policy.metrics import CONTENT_TYPE
 from exim_policy.protocol.mbox import exim_mbox_wrap
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from e2e_helpers import (EXTERNAL, FORWARDER, Outcome, in_sink, start_or_fail, transaction,
-                         wait_sink)
-from exim_policy.lab import NxDns, RspamdLab, SmtpSink
+from e2e_helpers import start_or_fail
+from exim_policy.lab import NxDns, RspamdLab, SmtpSink, messages
+from exim_policy.lab.addresses import EXTERNAL, FORWARDER
 from exim_policy.lab.postfix import PostfixLab
 from exim_policy.lab.rspamd import RspamdProxyLab
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import Outcome, in_sink, transaction, wait_sink
 
 pytestmark = pytest.mark.real
 

@@ -13,14 +13,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import messages
 import pytest
-from e2e_helpers import AUTH, LAB_MAIN, USER_ADDRESS, in_sink, send, start_or_fail, wait_sink
+from e2e_helpers import LAB_MAIN, start_or_fail
 
-from exim_policy.lab import SmtpSink
+from exim_policy.lab import SmtpSink, messages
+from exim_policy.lab.addresses import AUTH, USER_ADDRESS
 from exim_policy.lab.exim import EximLab, free_port_v4_v6
 from exim_policy.lab.ports import LOOPBACK, free_port
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import in_sink, send, wait_sink
 
 pytestmark = pytest.mark.real
 

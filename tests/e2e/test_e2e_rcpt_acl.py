@@ -25,17 +25,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import messages
 import pytest
-from e2e_helpers import (AUTH, FORWARD_TARGET, FORWARDER, INBOUND_SENDER, LOCAL, LOCAL2,
-                         USER_ADDRESS, Stack, build_debian_config, in_mailbox, in_sink,
-                         no_bounce_since, running_stack, start_or_fail, wait_mailbox,
-                         wait_sink)
+from e2e_helpers import Stack, build_debian_config, no_bounce_since, running_stack, start_or_fail
 
-from exim_policy.lab import LabUnavailable, RspamdLab, SmtpSink
+from exim_policy.lab import LabUnavailable, RspamdLab, SmtpSink, messages
+from exim_policy.lab.addresses import (AUTH, FORWARD_TARGET, FORWARDER, INBOUND_SENDER, LOCAL,
+                                       LOCAL2, USER_ADDRESS)
 from exim_policy.lab.exim import EximLab, check_prerequisites, ipv6_loopback_available
 from exim_policy.lab.ports import LOOPBACK
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import in_mailbox, in_sink, wait_mailbox, wait_sink
 
 pytestmark = pytest.mark.real
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import messages
-from e2e_helpers import EXTERNAL, LOCAL, in_sink, send, start_or_fail, wait_mailbox
-from exim_policy.lab import RspamdLab, SmtpSink
+from e2e_helpers import start_or_fail
+from exim_policy.lab import RspamdLab, SmtpSink, messages
+from exim_policy.lab.addresses import EXTERNAL, LOCAL
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import in_sink, send, wait_mailbox
 
 pytestmark = pytest.mark.real
 

@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import messages
 import pytest
-from e2e_helpers import (AUTH, EXTERNAL, LAB_MAIN, LOCAL, USER_ADDRESS, in_sink, send,
-                         start_or_fail, wait_sink)
+from e2e_helpers import LAB_MAIN, start_or_fail
 
+from exim_policy.lab import messages
+from exim_policy.lab.addresses import AUTH, EXTERNAL, LOCAL, USER_ADDRESS
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import in_sink, send, wait_sink
 
 pytestmark = pytest.mark.real
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import messages
 import pytest
-from e2e_helpers import FORWARDER, LOCAL, send, start_or_fail, wait_mailbox
+from e2e_helpers import start_or_fail
 from test_e2e_rspamd_doc_acl import LAB_HEAD, LAB_TAIL
 
+from exim_policy.lab import messages
+from exim_policy.lab.addresses import FORWARDER, LOCAL
 from exim_policy.lab.exim import EximLab
 from exim_policy.lab.shim import ShimLab
+from exim_policy.lab.smtp import send, wait_mailbox
 
 pytestmark = pytest.mark.real
 

@@ -12,12 +12,11 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ..envelope_guess import display_text
-from ..outcome import (ACCEPTED, EXIM_MAX_SCAN_SIZE, MARKED, REDIRECTED, REJECTED,
-                       TEMPFAIL)
+from .envelope_guess import display_text
+from .exim_outcome import ACCEPTED, EXIM_MAX_SCAN_SIZE, MARKED, REDIRECTED, REJECTED, TEMPFAIL
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._test_run import InputFailed, Tested
+    from .engine import InputFailed, Tested
 
 PREFIX = "exim-policy: test: "
 

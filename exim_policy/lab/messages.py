@@ -1,4 +1,4 @@
-"""Message builders for tests that talk to the real Rspamd / Exim / shim.
+"""Message builders for the tests and the demo, which talk to the real Rspamd / Exim / shim.
 
 Every builder returns the whole RFC 5322 message as bytes (CRLF line endings unless
 ``eol="\\n"``) and takes the envelope addresses, because two facts about Rspamd 3.4 matter:
@@ -18,6 +18,8 @@ import datetime
 import email.utils
 import uuid
 
+from .addresses import INBOUND_SENDER, LOCAL
+
 #: the GTUBE test string; the first three characters select the verdict (X/Y/Z/A JS*)
 GTUBE_TAIL = "C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 GTUBE = "XJS*" + GTUBE_TAIL
@@ -25,8 +27,8 @@ GTUBE_ADD_HEADER = "YJS*" + GTUBE_TAIL
 GTUBE_REWRITE_SUBJECT = "ZJS*" + GTUBE_TAIL
 GTUBE_NO_ACTION = "AJS*" + GTUBE_TAIL
 
-DEFAULT_TO = "bob@lab.test"
-DEFAULT_FROM = "alice@example.org"
+DEFAULT_TO = LOCAL
+DEFAULT_FROM = INBOUND_SENDER
 
 _HAM_PARAGRAPHS = (
     "Hi Bob,",

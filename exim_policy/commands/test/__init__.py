@@ -6,8 +6,8 @@ from ``[rspamd]`` and the forwarding map ``[forwarding] map`` loaded once (a mis
 unreadable map is an empty map, as for a daemon starting without one; a note says so).
 Nothing is counted or written.
 
-The envelope is derived from the message (see :mod:`exim_policy.envelope_guess`: From: ->
-sender, To:/Cc: -> recipients, or Exim's X-Envelope-* pseudo-headers) unless given with
+The envelope is derived from the message (see :mod:`.envelope_guess`: From: -> sender,
+To:/Cc: -> recipients, or Exim's X-Envelope-* pseudo-headers) unless given with
 ``--from``/``--rcpt``; ``--user``, ``--ip`` and ``--helo`` have no default (unauthenticated,
 no client IP: Rspamd then runs no IP checks, like a locally submitted message; pass ``--ip``
 to test as a real SMTP client). ``--exim-mbox`` wraps each message the way Exim does before
@@ -21,6 +21,12 @@ subject, greylist, ...); 1 when any would be rejected, redirected to the quarant
 tempfailed; 2 for usage and input errors (unreadable file, empty directory or mbox) and when
 Rspamd gives no verdict (unreachable, timeout, HTTP error) -- that stops the run at once and
 is never shown as a policy outcome.
+
+The package: :mod:`.inputs` (the messages to test and the envelope options),
+:mod:`.engine` (the daemon's evaluation, in order, a few at a time), :mod:`.render` (panels,
+tables or JSON lines; rich is imported there only), :mod:`.envelope_guess` (an envelope for
+a stored message) and :mod:`.exim_outcome` (what the bundled Exim configuration does with a
+decision).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ QUARANTINE_TEXT = "the quarantine address (EXIM_POLICY_QUARANTINE)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_CONFIG_PATH
+    from ...config import DEFAULT_CONFIG_PATH
 
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="message file, directory (every file inside, sorted, "
@@ -70,11 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from . import _test_run
+    from .engine import main
+    from .inputs import UsageError
 
     try:
-        return _test_run.main(args, quarantine=args.quarantine or QUARANTINE_TEXT)
-    except _test_run.UsageError as exc:
+        return main(args, quarantine=args.quarantine or QUARANTINE_TEXT)
+    except UsageError as exc:
         print(f"exim-policy: test: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -28,9 +28,9 @@ import email.utils
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model import Envelope
-from .protocol.mbox import envelope_from_mbox, exim_mbox_wrap, leading_headers
-from .protocol.text import has_line_breaker, strip_angle
+from ...model import Envelope
+from ...protocol.mbox import envelope_from_mbox, exim_mbox_wrap, leading_headers
+from ...protocol.text import has_line_breaker, strip_angle
 
 #: header lines read at most (a header block this long is already absurd; the limit keeps a
 #: garbage file from being scanned line by line)

@@ -1,8 +1,8 @@
 """What the bundled Exim configuration does with a :class:`~exim_policy.model.Decision`.
 
-Pure: a decision (and the quarantine address to name) in, an :class:`EximOutcome` out; no
-I/O, no configuration read. It mirrors ``exim/acl_data.conf`` statement by statement, in the
-order Exim evaluates them:
+``exim-policy test`` shows it as the "Exim" line. Pure: a decision (and the quarantine
+address to name) in, an :class:`EximOutcome` out; no I/O, no configuration read. It mirrors
+the shipped ``exim/acl_data.conf`` statement by statement, in the order Exim evaluates them:
 
 1. ``decision.defer``: the shim closes without an answer, so the ``defer ... !spam =
    nobody:true`` statement defers and Exim answers its own ``451 Temporary local problem -
@@ -10,8 +10,10 @@ order Exim evaluates them:
 2. ``soft reject`` (any direction): ``451 4.7.1 <text>``.
 3. ``reject``, inbound (Traffic INBOUND or FORWARDING: not authenticated, not from a relay
    host): ``550 5.7.1 <text>`` at DATA, for all recipients.
-4. ``reject``, outbound: accepted, ``acl_m_outspam = 1``, and the router in
-   ``exim/routers.conf`` redirects every recipient to ``EXIM_POLICY_QUARANTINE``.
+4. ``reject``, outbound: accepted, ``acl_m_outspam = 1``, and a router in
+   ``exim/routers.conf`` sends the message to the quarantine receiver
+   (``EXIM_POLICY_RECEIVER_HOSTS``) or, in the recipe without a receiver, redirects every
+   recipient to ``EXIM_POLICY_QUARANTINE``.
 5. ``add header`` / ``rewrite subject``, inbound: accepted with ``X-Spam-Flag: YES`` and
    ``X-Spam-Report`` (and, for ``rewrite subject`` with a new subject in the reply, that
    Subject), on top of the X-Spam-Action/Score/Bar headers every scanned inbound message gets.
@@ -27,17 +29,17 @@ empty the ACL falls back to ``EXIM_POLICY_REJECT_TEXT`` / ``EXIM_POLICY_TEMPFAIL
 (their default texts are used here).
 
 Assumptions: Exim's ``EXIM_POLICY_RELAY_HOSTS`` lists the same networks as the shim's
-``[outbound] relay_networks`` (main.conf asks for that), so "outbound" means the same on both
-sides and :attr:`Decision.traffic` tells the ACL's ``acl_m_ep_outbound``; and the message is
-smaller than ``EXIM_POLICY_MAX_SCAN_SIZE`` (50M), above which Exim does not scan at all.
+``[outbound] relay_networks`` (exim/main.conf asks for that), so "outbound" means the same on
+both sides and :attr:`Decision.traffic` tells the ACL's ``acl_m_ep_outbound``; and the
+message is smaller than ``EXIM_POLICY_MAX_SCAN_SIZE`` (50M), above which Exim does not scan at all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import ADD_HEADER, REJECT, REWRITE_SUBJECT, SOFT_REJECT, Decision, Traffic
-from .protocol.rspamc import MAX_VALUE_BYTES, first_message
-from .protocol.text import encode, one_line, truncate_bytes
+from ...model import ADD_HEADER, REJECT, REWRITE_SUBJECT, SOFT_REJECT, Decision, Traffic
+from ...protocol.rspamc import MAX_VALUE_BYTES, first_message
+from ...protocol.text import encode, one_line, truncate_bytes
 
 #: outcome keywords (stable: ``exim-policy test --json`` prints them)
 REJECTED = "rejected"        # 550 at DATA
