@@ -129,7 +129,8 @@ def throughput(args, workdir: str, lab: Lab, redis: RedisLab) -> None:
         if name == "off":
             base_rate, base_cpu = rate, per
         print(f"  accounts {name:6s} {rate:7.1f} msg/s  p50 {pct(lats, 50):6.2f} ms  p99 "
-              f"{pct(lats, 99):6.2f} ms  shim CPU {per:.3f} ms/msg  throughput x{rate / base_rate:.3f}"
+              f"{pct(lats, 99):6.2f} ms  shim CPU {per:.3f} ms/msg  "
+              f"throughput x{rate / base_rate:.3f}"
               f"  CPU x{per / base_cpu:.2f}")
     print(f"  (redis-server itself: {redis_cpu / n * 1000:.3f} ms CPU per message, on the same "
           f"{os.cpu_count()} cores)")

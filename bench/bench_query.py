@@ -105,7 +105,8 @@ def main() -> int:
                         capture_output=True, timeout=60)
                     times.append(time.perf_counter() - started)
                     assert done.stdout == b"yes\n", done
-                print(f"exim-policy query ({label:13s}): median {statistics.median(times) * 1000:6.1f}"
+                median = statistics.median(times) * 1000
+                print(f"exim-policy query ({label:13s}): median {median:6.1f}"
                       f" ms, min {min(times) * 1000:6.1f} ms over {args.cli_runs} runs")
             bare = []
             for _ in range(args.cli_runs):

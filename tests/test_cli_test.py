@@ -323,7 +323,7 @@ def test_binary_junk(config, tmp_path, capsys):
 
 def test_8bit_headers(config, tmp_path, capsys):
     raw = ("From: Jörg Müller <jörg@bücher.example>\r\n"
-           "To: \"Bob\" <bob@lab.test>, ünïcode@lab.test\r\n").encode("utf-8") \
+           "To: \"Bob\" <bob@lab.test>, ünïcode@lab.test\r\n").encode() \
         + b"Subject: caf\xe9 latin-1 \xff\r\nX-Raw: \x80\x81\r\n\r\nBody with \xe9.\r\n"
     msg = write(tmp_path / "8bit.eml", raw)
     rc, [result], err = run_json(capsys, config, *IP, str(msg))

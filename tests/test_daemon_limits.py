@@ -154,7 +154,7 @@ def test_request_timeout_counts_from_the_connect(shim_factory):
                 sock.sendall(bytes([byte]))
                 reply = sock.recv(4096)
                 break  # the server answered (or closed: b"")
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except (BrokenPipeError, ConnectionResetError):
                 break

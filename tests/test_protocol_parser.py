@@ -1,6 +1,7 @@
 """RequestParser: golden requests from Exim 4.96 and spamc, every chunking, every framing edge."""
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import pytest
@@ -423,7 +424,7 @@ def test_resume_without_a_refusal_is_a_bug():
 # ------------------------------------------------------------------------ hypothesis --
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

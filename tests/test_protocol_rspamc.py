@@ -282,7 +282,7 @@ def test_truncation_of_2000_symbols():
     assert lines[2] == b"Action: reject"
     assert b"Message: outbound spam" in lines and b"Message: rspamd says no" in lines
     assert lines[-2] == b"Message-ID: big@example.org"
-    kept = [l for l in lines if l.startswith(b"Symbol: RSPAMD_")]
+    kept = [line for line in lines if line.startswith(b"Symbol: RSPAMD_")]
     assert 500 < len(kept) < 2000
     # the shim's own symbols and Rspamd's highest scores survive; emitted in original order
     assert b"Symbol: EXIM_POLICY_OUTBOUND(0.00)" in lines

@@ -126,7 +126,7 @@ def query(host: str, port: int, name: str, qtype: int = 1, timeout: float = 2.0)
         sock.sendto(packet, (host, port))
         try:
             data = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError(f"no DNS reply from {host}:{port} within {timeout}s") from None
     qid, flags, qdcount, *_ = _HEADER.unpack_from(data)
     return DnsReply(qid, flags, qdcount, data[_HEADER.size:])
@@ -153,7 +153,9 @@ class _Responder(asyncio.DatagramProtocol):
 async def serve(host: str, port: int, log_path: str | None = None) -> None:
     """Answer queries on ``host:port`` until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    log = open(log_path, "a", buffering=1, encoding="utf-8") if log_path else None
+    # the log is opened once, before anything is served (a few lines, line-buffered)
+    log = (open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: ASYNC230
+           if log_path else None)
     try:
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Responder(log), local_addr=(host, port))
@@ -202,7 +204,7 @@ class NxDns:
         """Start and wait until it answers; on a port collision retry with another port."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         attempts = 1 if self._fixed_port else 3
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             if not self._fixed_port:
                 self.port = free_port(self.host, udp=True)
             self.process = ManagedProcess(
@@ -214,7 +216,8 @@ class NxDns:
                 return
             self.process.stop(2.0)
         assert self.process is not None
-        raise LabError(f"nxdns did not answer on udp {self.host}:{self.port}\n{self.process.tail()}")
+        raise LabError(f"nxdns did not answer on udp {self.host}:{self.port}\n"
+                       f"{self.process.tail()}")
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.process is not None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 from exim_policy.lab.ports import LOOPBACK
 
@@ -73,7 +74,7 @@ class CannedSpamd:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 

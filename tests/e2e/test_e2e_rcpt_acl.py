@@ -449,7 +449,8 @@ def test_readsocket_asks_the_running_helper_from_inside_exim(split_exim, split_s
         split_shim.start()
 
     def ask(address: str) -> str:
-        expr = ("[${readsocket{EXIM_POLICY_QUERY}{forwarding %s\n}{3s}{}{error}}]" % address)
+        expr = ("[${readsocket{EXIM_POLICY_QUERY}{forwarding " + address
+                + "\n}{3s}{}{error}}]")
         result = split_exim.exim("-be", expr)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout.strip()

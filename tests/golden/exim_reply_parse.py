@@ -117,7 +117,7 @@ def _report(rest: bytes) -> str:
 
 def _view(score: float, threshold: float, action: str, rest: bytes) -> EximView:
     return EximView(score=score, threshold=threshold, spam=score >= threshold, action=action,
-                    report=_report(rest), spam_score="%.1f" % score)
+                    report=_report(rest), spam_score=f"{score:.1f}")
 
 
 def parse_rspamd(reply: bytes, stale_action: str = "") -> EximView | None:

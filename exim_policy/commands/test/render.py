@@ -28,16 +28,19 @@ STYLES = {REJECTED: "red", REDIRECTED: "magenta", TEMPFAIL: "yellow", MARKED: "d
 MAX_OPTIONS_CHARS = 120
 
 
-def make_output(args: argparse.Namespace, *, total: int) -> "JsonOutput | RichOutput":
+def make_output(args: argparse.Namespace, *, total: int) -> JsonOutput | RichOutput:
     if args.json:
         return JsonOutput()
     return RichOutput(total=total, panels=not args.brief)
 
 
 # -------------------------------------------------------------------------- plain data --
-def envelope_dict(result: "Tested") -> dict:
+def envelope_dict(result: Tested) -> dict:
     env = result.guess.envelope
-    show = (lambda v: display_text(v) if v is not None else None)
+
+    def show(value: str | None) -> str | None:
+        return display_text(value) if value is not None else None
+
     return {
         "sender": show(env.sender),
         "sender_source": result.guess.sender_source,
@@ -49,7 +52,7 @@ def envelope_dict(result: "Tested") -> dict:
     }
 
 
-def result_dict(result: "Tested") -> dict:
+def result_dict(result: Tested) -> dict:
     """One message as a JSON-ready dict (the ``--json`` line)."""
     decision = result.decision
     scan = decision.scan
@@ -135,10 +138,10 @@ class JsonOutput:
     def error(self, text: str) -> None:
         print(f"{PREFIX}{text}", file=sys.stderr)
 
-    def input_failed(self, failed: "InputFailed") -> None:
+    def input_failed(self, failed: InputFailed) -> None:
         self.error(f"{failed.source.label}: {failed.error}")
 
-    def result(self, result: "Tested") -> None:
+    def result(self, result: Tested) -> None:
         print(json.dumps(result_dict(result)), flush=True)
 
     def finish(self) -> None:
@@ -195,12 +198,12 @@ class RichOutput:
         self.err.print(f"{PREFIX}{text}", style="bold red", markup=False,
                        soft_wrap=True)
 
-    def input_failed(self, failed: "InputFailed") -> None:
+    def input_failed(self, failed: InputFailed) -> None:
         self.error(f"{failed.source.label}: {failed.error}")
         self.rows.append((failed.source.label, "-", "-", "-", "-", "unreadable", "red"))
         self._advance()
 
-    def result(self, result: "Tested") -> None:
+    def result(self, result: Tested) -> None:
         decision, scan, outcome = result.decision, result.decision.scan, result.outcome
         style = STYLES.get(outcome.outcome, "white")
         self.rows.append((result.source.label, decision.traffic.value,
@@ -211,7 +214,7 @@ class RichOutput:
             self.console.print(self._panel(result, style))
         self._advance()
 
-    def _panel(self, result: "Tested", style: str):
+    def _panel(self, result: Tested, style: str):
         from rich import box
         from rich.console import Group
         from rich.panel import Panel
@@ -265,7 +268,7 @@ class RichOutput:
                      border_style=style)
 
     @staticmethod
-    def _envelope_text(result: "Tested") -> str:
+    def _envelope_text(result: Tested) -> str:
         env, guess = result.guess.envelope, result.guess
         if env.sender is None:
             sender = "no sender"
@@ -281,7 +284,7 @@ class RichOutput:
         return "\n".join(lines)
 
     @staticmethod
-    def _forwarding_text(result: "Tested") -> str:
+    def _forwarding_text(result: Tested) -> str:
         forwarding = result.decision.forwarding
         if not forwarding:
             return "no recipient forwards externally"
