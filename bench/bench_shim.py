@@ -13,6 +13,15 @@ rounds (its counters must have moved by exactly the messages sent; the scrape af
 round is in its CPU figure). It also times the metrics calls themselves in this process: the counting per
 message, a ``labels()`` lookup, one scrape.
 
+``--workers 2`` (a list: ``2,4``): a shim with ``server.workers = 2`` runs beside the first
+(workers = 1) in the same rounds; its CPU is the supervisor's and its workers' together. With
+``--metrics`` too, one more with workers and ``[metrics]`` on, and the metrics calls are
+timed again in the workers' multi-process mode (values in files: prometheus_client's
+``PROMETHEUS_MULTIPROC_DIR``). ``--upstream canned``: in Rspamd's place a canned /checkv2
+responder (a process of its own, answering "no action" at once, and the legacy protocol for
+the direct path), so the shim's own CPU is what limits the throughput, not Rspamd's one
+worker; "direct" then measures the client and the responder alone.
+
 Run as root (Rspamd runs as _rspamd):  .venv/bin/python bench/bench_shim.py [--messages 2000]
 """
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -113,14 +123,16 @@ def messages_counted(url: str) -> float:
                for sample in family.samples if sample.name == "exim_policy_messages_total")
 
 
-def micro_metrics(number: int = 200_000) -> None:
-    """The metrics calls on their own, in this process (no I/O): per call, in µs."""
+def micro_metrics(number: int = 200_000, shared_dir: str | None = None) -> None:
+    """The metrics calls on their own, in this process (no I/O): per call, in µs;
+    ``shared_dir``: in the workers' multi-process mode (process-wide: call it last, or in a
+    process of its own)."""
     from exim_policy.config import from_dict
     from exim_policy.metrics import Metrics
     from exim_policy.model import Decision, Envelope, ScanResult, Traffic
     from exim_policy.pipeline import Evaluation
 
-    metrics = Metrics()
+    metrics = Metrics(shared_dir)
     metrics.instrument(from_dict({}))
     scan = ScanResult("no action", 1.0, 15.0)
     evaluation = Evaluation(Envelope(), Decision("no action", Traffic.INBOUND, "", scan=scan),
@@ -140,12 +152,94 @@ def micro_metrics(number: int = 200_000) -> None:
     scrape = timeit.timeit(lambda: asyncio.run(metrics.scrape()), number=scrapes)
     loop_only = timeit.timeit(lambda: asyncio.run(asyncio.sleep(0)), number=scrapes)
     size = len(asyncio.run(metrics.scrape()).body)
-    print(f"  metrics calls (this process, {number} calls each): Metrics.message "
+    mode = "workers' multi-process mode" if shared_dir else "this process"
+    print(f"  metrics calls ({mode}, {number} calls each): Metrics.message "
           f"{(per_message - empty) / number * 1e6:.2f} µs per message; labels() "
           f"{(labels - empty) / number * 1e6:.2f} µs (kept children avoid it); a child's "
           f"inc() {(inc - empty) / number * 1e6:.2f} µs")
     print(f"  one scrape (generate_latest, {size} bytes): "
           f"{(scrape - loop_only) / scrapes * 1000:.3f} ms")
+
+
+def micro_metrics_shared(number: int = 200_000) -> None:
+    """:func:`micro_metrics` in the multi-process mode, in a forked child."""
+    with tempfile.TemporaryDirectory(prefix="exim-policy-bench-metrics-") as directory:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                micro_metrics(number, directory)
+                sys.stdout.flush()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+
+CANNED_JSON = b'{"action": "no action", "score": 0.0, "required_score": 15.0, ' \
+    b'"symbols": {}, "messages": {}}'
+CANNED_RSPAMC = (b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 0.00 / 15.00 / 0.00\r\n"
+                 b"Action: no action\r\n")
+
+
+def canned_upstream(port_pipe: int) -> None:
+    """Serve "no action" to /checkv2 (HTTP) and to the legacy CHECK request, one request
+    per connection, then close; writes the port to ``port_pipe``. Runs until killed."""
+    try:
+        import uvloop
+        new_loop = uvloop.new_event_loop
+    except ImportError:
+        new_loop = asyncio.new_event_loop
+
+    class Canned(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.data, self.need = transport, bytearray(), None
+
+        def data_received(self, data):
+            self.data += data
+            if self.need is None:
+                end = self.data.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = bytes(self.data[:end]).lower()
+                length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                self.need, self.http = end + 4 + length, not head.startswith(b"check ")
+            if len(self.data) >= self.need:
+                if self.http:
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                         b"Content-Type: application/json\r\n"
+                                         b"Content-Length: %d\r\n\r\n" % len(CANNED_JSON)
+                                         + CANNED_JSON)
+                else:
+                    self.transport.write(CANNED_RSPAMC)
+                self.transport.close()
+
+    loop = new_loop()
+    server = loop.run_until_complete(loop.create_server(Canned, "127.0.0.1", 0, backlog=1024))
+    os.write(port_pipe, str(server.sockets[0].getsockname()[1]).encode())
+    os.close(port_pipe)
+    loop.run_forever()
+
+
+class CannedLab:
+    """The canned responder as a process, where the bench would use the lab's Rspamd."""
+
+    def __enter__(self):
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read)
+            try:
+                canned_upstream(write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.port = int(os.read(read, 32))
+        os.close(read)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc):
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
 
 
 def main() -> int:
@@ -161,31 +255,47 @@ def main() -> int:
                          "half having sent one byte (a slowloris)")
     ap.add_argument("--metrics", action="store_true",
                     help="also shims with [metrics] on (text logs, JSON logs), side by side")
+    ap.add_argument("--workers", default="",
+                    help="also shims with server.workers = each of these (e.g. 2 or 2,4)")
+    ap.add_argument("--upstream", choices=("rspamd", "canned"), default="rspamd",
+                    help="what the shim scans with: the lab's Rspamd, or a canned responder")
     args = ap.parse_args()
+    workers = [int(n) for n in args.workers.split(",") if n.strip()]
     if args.metrics:
         micro_metrics()
+        if workers:
+            micro_metrics_shared()
 
     payloads = [exim_request(i, args.paragraphs) for i in range(args.messages // args.rounds)]
     with tempfile.TemporaryDirectory(prefix="exim-policy-bench-") as workdir, \
-            Lab(workdir) as lab:
-        shim = ShimLab(workdir, rspamd_url=lab.rspamd.url, log_level=args.log_level)
+            (CannedLab() if args.upstream == "canned" else Lab(workdir)) as lab:
+        upstream = lab if args.upstream == "canned" else lab.rspamd
+        shim = ShimLab(workdir, rspamd_url=upstream.url, log_level=args.log_level)
         shim.start()
         shims = {"shim": shim}
         if args.metrics:
             for name, log_format in (("shim+metrics", "text"), ("shim+metrics+json", "json")):
-                shims[name] = ShimLab(os.path.join(workdir, name), rspamd_url=lab.rspamd.url,
+                shims[name] = ShimLab(os.path.join(workdir, name), rspamd_url=upstream.url,
                                       log_level=args.log_level, log_format=log_format,
                                       metrics={})
+                shims[name].start()
+        for n in workers:
+            for name, metrics in ((f"workers={n}", None),
+                                  *(((f"workers={n}+metrics", {}),) if args.metrics else ())):
+                shims[name] = ShimLab(os.path.join(workdir, name), rspamd_url=upstream.url,
+                                      log_level=args.log_level, metrics=metrics, workers=n)
                 shims[name].start()
         idle = [socket.create_connection(("127.0.0.1", shim.port)) for _ in range(args.idle)]
         for sock in idle[::2]:
             sock.sendall(b"C")
         try:
-            rspamd_pids = group_members(lab.rspamd.process.pid)  # master + workers
+            rspamd_pids = [lab.pid] if args.upstream == "canned" else \
+                group_members(lab.rspamd.process.pid)  # master + workers
             results = {name: ([], 0.0, 0.0) for name in ("direct", *shims)}
             cpu = {name: [0.0, 0.0, 0.0] for name in shims}  # shim, its system part, Rspamd
+            client = {name: 0.0 for name in results}  # this process, the load
             # warm-up every path (first scans after start are slower)
-            asyncio.run(run_round(lab.rspamd.port, payloads[:50], args.concurrency))
+            asyncio.run(run_round(upstream.port, payloads[:50], args.concurrency))
             for one_shim in shims.values():
                 asyncio.run(run_round(one_shim.port, payloads[:50], args.concurrency))
             names = list(results)
@@ -193,25 +303,28 @@ def main() -> int:
                 # each path in turn takes each place in a round: no path always follows
                 # the same one
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    port = shims[name].port if name in shims else lab.rspamd.port
-                    pid = shims[name].proc.pid if name in shims else shim.proc.pid
+                    port = shims[name].port if name in shims else upstream.port
+                    # the shim's process, or its supervisor and workers (its process group)
+                    pids = group_members((shims[name] if name in shims else shim).proc.pid)
                     metered = name in shims and shims[name].metrics_port is not None
                     counted = messages_counted(shims[name].metrics_url) if metered else 0.0
-                    c_shim, c_rspamd = cpu_seconds([pid]), cpu_seconds(rspamd_pids)
-                    c_sys = cpu_times([pid])[1]
+                    c_shim, c_rspamd = cpu_seconds(pids), cpu_seconds(rspamd_pids)
+                    c_sys = cpu_times(pids)[1]
+                    c_client = sum(os.times()[:2])
                     elapsed, lat = asyncio.run(run_round(port, payloads, args.concurrency))
                     if metered:  # (this scrape is in the round's CPU figure)
                         moved = messages_counted(shims[name].metrics_url) - counted
                         if moved != len(payloads):
                             raise SystemExit(f"metrics: {moved:g} messages counted, "
                                              f"{len(payloads)} sent")
-                    d_shim = cpu_seconds([pid]) - c_shim
+                    client[name] += sum(os.times()[:2]) - c_client
+                    d_shim = cpu_seconds(pids) - c_shim
                     d_rspamd = cpu_seconds(rspamd_pids) - c_rspamd
                     lats, total, _ = results[name]
                     results[name] = (lats + lat, total + elapsed, 0.0)
                     if name in shims:
                         cpu[name][0] += d_shim
-                        cpu[name][1] += cpu_times([pid])[1] - c_sys
+                        cpu[name][1] += cpu_times(pids)[1] - c_sys
                         cpu[name][2] += d_rspamd
         finally:
             for sock in idle:
@@ -221,26 +334,44 @@ def main() -> int:
 
     print(f"messages per path: {len(payloads) * args.rounds}  concurrency: {args.concurrency}"
           f"  rounds: {args.rounds}  message: {len(payloads[0])} bytes  cores: {os.cpu_count()}"
-          f"  idle connections to the shim: {args.idle}")
+          f"  idle connections to the shim: {args.idle}  upstream: {args.upstream}")
     rates = {}
     for name, (lats, total, _) in results.items():
         rates[name] = len(lats) / total
-        print(f"  {name:17s} {rates[name]:7.1f} msg/s   p50 {pct(lats, 50):6.2f} ms"
+        print(f"  {name:18s} {rates[name]:7.1f} msg/s   p50 {pct(lats, 50):6.2f} ms"
               f"   p99 {pct(lats, 99):6.2f} ms")
     n = len(payloads) * args.rounds
     print(f"  throughput ratio shim/direct: {rates['shim'] / rates['direct']:.3f}")
+    print("  CPU per message of the client (this process): " + ", ".join(
+        f"{name} {seconds / n * 1000:.3f} ms" for name, seconds in client.items()))
     for name, (shim_cpu, shim_sys, rspamd_cpu) in cpu.items():
         print(f"  CPU per message: {name} {shim_cpu / n * 1000:.3f} ms, Rspamd "
               f"{rspamd_cpu / n * 1000:.3f} ms -> shim/Rspamd "
               f"{shim_cpu / max(rspamd_cpu, 1e-9) * 100:.1f} %"
               f"  (shim: {(shim_cpu - shim_sys) / n * 1000:.3f} ms user +"
               f" {shim_sys / n * 1000:.3f} ms system)")
+    for name, (shim_cpu, _, rspamd_cpu) in cpu.items():
+        elapsed = results[name][1]
+        machine = (shim_cpu + rspamd_cpu + client[name]) / elapsed / (os.cpu_count() or 1)
+        print(f"  busy during its rounds: {name} {shim_cpu / elapsed * 100:.0f} % of a core, "
+              f"with Rspamd and the client {machine * 100:.0f} % of the machine's "
+              f"{os.cpu_count()} cores")
     plain = cpu["shim"][0] / n
     for name in ("shim+metrics", "shim+metrics+json"):
         if name in cpu:
             other = cpu[name][0] / n
             print(f"  {name} vs shim: {(other - plain) * 1e6:+.1f} µs CPU per message "
                   f"({(other / plain - 1) * 100:+.1f} %)")
+    for count in workers:
+        name = f"workers={count}"
+        other = cpu[name][0] / n
+        print(f"  {name} vs shim (workers=1): throughput x{rates[name] / rates['shim']:.3f}, "
+              f"{(other - plain) * 1e6:+.1f} µs CPU per message "
+              f"({(other / plain - 1) * 100:+.1f} %)")
+        if f"{name}+metrics" in cpu:
+            metered = cpu[f"{name}+metrics"][0] / n
+            print(f"  {name}+metrics vs {name}: {(metered - other) * 1e6:+.1f} µs CPU per "
+                  f"message ({(metered / other - 1) * 100:+.1f} %)")
     return 0
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import os
 import sys
 import typing
 import urllib.parse
@@ -151,6 +152,28 @@ def _event_loop(value: object) -> str:
     return str(value)
 
 
+#: most processes ``server.workers`` may ask for (a typo must not fork a thousand)
+MAX_WORKERS = 64
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity), what ``workers = "auto"``
+    means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return min(cores(), MAX_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, or \"auto\" "
+                         "(the number of cores)")
+    return value
+
+
 def _log_level(value: object) -> str:
     levels = ("debug", "info", "warning", "error")
     if value not in levels:
@@ -287,6 +310,10 @@ class ServerConfig:
     http_listen: tuple[ListenAddress, ...] = field(default=(), metadata=_parse(_listen_list))
     #: "auto" uses uvloop when it is installed (much less CPU per message), else asyncio's
     event_loop: str = field(default="auto", metadata=_parse(_event_loop))
+    #: processes that serve the listeners, each with its own event loop: 1 = this process
+    #: alone; more = a supervisor and that many workers (exim_policy/workers.py); "auto" =
+    #: the number of cores (read as that number when the file is loaded)
+    workers: int = field(default=1, metadata=_parse(_workers))
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
     #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
     unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode, show=lambda mode: f"{mode:04o}"))
@@ -717,6 +744,10 @@ def from_dict(data: dict) -> Config:
         errors.append(f"server.max_bytes_in_flight: {server.max_bytes_in_flight} is below "
                       f"server.max_message_size ({server.max_message_size}): a message of "
                       "the largest allowed size could never be held")
+    if server.workers > 1 and config.accounts.enabled and config.accounts.store == "memory":
+        errors.append(f"server.workers: {server.workers} workers would each count accounts "
+                      "on their own with accounts.store = \"memory\": use \"sqlite\" or "
+                      "\"redis\", or workers = 1")
     for what, items in (("forwarding.sources", config.forwarding.sources),
                         ("accounts.limits", config.accounts.limits)):
         for i, item in enumerate(items):

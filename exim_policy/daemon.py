@@ -1,7 +1,8 @@
 """``exim-policy serve``: wire config, forwarding map, scanner, service and listeners
 together and run until SIGTERM/SIGINT. SIGHUP re-reads the configuration file (see
 :class:`Reloader`) and the forwarding map at once. Under systemd (``Type=notify``) the
-daemon says when it is ready, reloading and stopping."""
+daemon says when it is ready, reloading and stopping. With ``server.workers`` > 1 this runs
+in each worker process (exim_policy/workers.py), under a supervisor."""
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +14,13 @@ import logging.handlers
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config as config_file
-from .config import Config, ConfigError, changed_keys, format_duration
+from .config import Config, ConfigError, LoggingConfig, changed_keys, format_duration
 from .forwarding.watch import MapWatcher
 from .logs import handler_for, reconfigure_logging
 from .metrics import Metrics
@@ -33,6 +36,9 @@ from .transport.helper import QueryServer
 from .transport.limits import Limits
 from .transport.http import HttpServer
 from .transport.spamd import SpamdServer
+
+if TYPE_CHECKING:
+    from .workers import WorkerNotifier, WorkerRole
 
 log = logging.getLogger("exim_policy")
 
@@ -70,17 +76,20 @@ def tune_process(config: Config) -> None:
 
 
 async def run(config: Config, *, config_path: str | Path | None = None,
-              log_listener: logging.handlers.QueueListener | None = None) -> None:
+              log_listener: logging.handlers.QueueListener | None = None,
+              worker: WorkerRole | None = None) -> None:
     """Serve until SIGTERM/SIGINT. ``config_path``: the file SIGHUP re-reads (None: SIGHUP
     only re-reads the forwarding map); ``log_listener``: the log writer a reload switches
-    to the new ``[logging]``."""
-    systemd = SystemdNotifier()
+    to the new ``[logging]``; ``worker``: this process is that worker of several (its
+    states go to the supervisor, not to systemd; the quarantine receiver runs in worker 1
+    only; the metrics are counted with the other workers')."""
+    systemd = SystemdNotifier() if worker is None else worker.notifier
     tune_process(config)
     watcher = MapWatcher(config.forwarding.map, config.forwarding.reload_interval)
     await asyncio.to_thread(watcher.load_now)
     scanner = RspamdScanner.for_config(config.rspamd)
     forwards = lambda address: watcher.current.forwards(address)  # noqa: E731 - always the current map
-    accounts = await open_accounts(config)
+    accounts = await open_accounts(config, shared=worker is not None)
     service = PolicyService(config, scanner, forwards, accounts)
     limits = Limits(config.server.max_connections, config.server.max_bytes_in_flight)
     server = SpamdServer(config.server, service.answer, limits)
@@ -88,8 +97,11 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode,
                           accounts=accounts.status if accounts else None)
-    quarantine = await open_quarantine(config, accounts)
-    metrics = Metrics.for_config(config)  # None: [metrics] off, nothing is counted
+    quarantine = await open_quarantine(config, accounts) \
+        if worker is None or worker.first else None
+    # None: [metrics] off, nothing is counted
+    metrics = Metrics.for_config(config, worker.metrics_dir if worker is not None else None,
+                                 primary=worker is None or worker.first)
     if metrics is not None:
         metrics.instrument(config, service=service, listeners=(server, http), limits=limits,
                            watcher=watcher, accounts=accounts, quarantine=quarantine)
@@ -113,7 +125,8 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     reloader = Reloader(config, config_path, Running(
         service=service, listeners=(server, http), queries=queries, watcher=watcher,
         accounts=accounts, quarantine=quarantine, log_listener=log_listener),
-        systemd=systemd, metrics=metrics)
+        systemd=systemd, metrics=metrics,
+        log_writer=worker.log_writer if worker is not None else handler_for)
 
     def reload_now() -> None:
         task = loop.create_task(reloader.reload())
@@ -121,16 +134,23 @@ async def run(config: Config, *, config_path: str | Path | None = None,
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
+    if worker is not None:
+        worker.signals_handled()
     watch = loop.create_task(watcher.run())
     upkeep = loop.create_task(accounts.run()) if accounts else None
     purging = loop.create_task(_purge_hourly(quarantine)) if quarantine else None
-    log.info("exim-policy serving on %s; HTTP on %s; queries on %s; Rspamd %s; forwarding "
+    publishing = loop.create_task(metrics.publish_every()) \
+        if metrics is not None and metrics.shared_dir is not None else None
+    log.info("exim-policy %sserving on %s; HTTP on %s; queries on %s; Rspamd %s; forwarding "
              "map %s (%d entries); accounts %s; quarantine %s",
+             f"worker {worker.index} of {worker.count} " if worker is not None else "",
              ", ".join(str(a) for a in config.server.listen),
              ", ".join(str(a) for a in config.server.http_listen) or "(off)",
              ", ".join(str(a) for a in config.server.query_listen) or "(off)",
              config.rspamd.url, config.forwarding.map, len(watcher.current),
-             _accounts_summary(config), _quarantine_summary(config))
+             _accounts_summary(config, shared=worker is not None),
+             _quarantine_summary(config) if worker is None or worker.first
+             or not config.quarantine.listen else "receiver in worker 1")
     systemd.ready(f"serving on {', '.join(str(a) for a in config.server.listen)}")
     try:
         await stop.wait()
@@ -140,7 +160,7 @@ async def run(config: Config, *, config_path: str | Path | None = None,
         log.info("stopping: no new connections; finishing the requests open, arriving or "
                  "being scanned (up to %gs)", config.server.shutdown_timeout)
         watch.cancel()
-        for task in (upkeep, purging):
+        for task in (upkeep, purging, publishing):
             if task is not None:
                 task.cancel()
         await queries.stop()
@@ -154,8 +174,13 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     log.info("stopped")
 
 
-async def open_accounts(config: Config) -> AccountTracker | None:
+async def open_accounts(config: Config, *, shared: bool = False) -> AccountTracker | None:
     """The account store and its tracker, or None with accounts off.
+
+    SQLite: one process (not ``shared``) keeps the working state in memory in front of
+    the file (state/cached.py), which sees only the counts it made itself; each of several
+    workers (``shared``) reads and writes the file itself, so every worker counts every
+    worker's messages (a message is recorded before its answer goes out).
 
     A store that cannot be opened at start: for sqlite that is a configuration error (a
     path that does not exist); Redis may just not be up yet, so the daemon starts and
@@ -163,7 +188,7 @@ async def open_accounts(config: Config) -> AccountTracker | None:
     """
     if not config.accounts.enabled:
         return None
-    store = open_store(config.accounts, daemon=True)
+    store = open_store(config.accounts, daemon=not shared)
     try:
         await store.refresh(time.time())  # loads what a cache holds; opens the file
         await store.prune(time.time())
@@ -244,12 +269,14 @@ def _quarantine_summary(config: Config) -> str:
             f"({quarantine.path}, release via {quarantine.release_via})")
 
 
-def _accounts_summary(config: Config) -> str:
+def _accounts_summary(config: Config, *, shared: bool = False) -> str:
     accounts = config.accounts
     if not accounts.enabled:
         return "off"
     where = accounts.path if accounts.store == "sqlite" else (
         accounts.redis_url if accounts.store == "redis" else "memory")
+    if shared and accounts.store == "sqlite":
+        where += ", uncached: shared by the workers"
     return f"{accounts.mode} ({accounts.store}: {where})"
 
 
@@ -260,8 +287,8 @@ def _accounts_summary(config: Config) -> str:
 #: the incident window it was opened with; the notifier's queue for its channels)
 RESTART_KEYS = (
     "server.listen", "server.http_listen", "server.query_listen", "server.unix_socket_mode",
-    "server.event_loop", "server.max_connections", "server.max_bytes_in_flight",
-    "server.max_scans",
+    "server.event_loop", "server.workers", "server.max_connections",
+    "server.max_bytes_in_flight", "server.max_scans",
     "accounts.enabled", "accounts.store", "accounts.path", "accounts.redis_url",
     "accounts.redis_prefix", "accounts.limits", "accounts.incident", "accounts.history",
     "accounts.notify",
@@ -322,12 +349,15 @@ class Reloader:
     """
 
     def __init__(self, config: Config, path: str | Path | None, running: Running, *,
-                 systemd: SystemdNotifier, metrics: Metrics | None) -> None:
+                 systemd: SystemdNotifier | WorkerNotifier, metrics: Metrics | None,
+                 log_writer: Callable[[LoggingConfig], logging.Handler] = handler_for) -> None:
+        """``log_writer``: makes the writer for a new ``[logging]``."""
         self.config = config
         self.path = path
         self.running = running
         self.systemd = systemd
         self.metrics = metrics
+        self.log_writer = log_writer
         self._lock = asyncio.Lock()
 
     async def reload(self) -> bool:
@@ -345,7 +375,7 @@ class Reloader:
         try:
             new = await asyncio.to_thread(config_file.load, self.path)
             config, applied, kept = in_force(self.config, new)
-            writer = handler_for(config.logging) \
+            writer = self.log_writer(config.logging) \
                 if config.logging != self.config.logging else None
         except ConfigError as exc:
             log.error("reload: %s has %d error(s); the configuration in force is kept: %s",

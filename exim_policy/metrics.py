@@ -21,20 +21,33 @@ counts for (a component made anew gets the same object), so counters never go ba
 
 Every label has a small fixed set of values; a value outside it is counted as ``other``
 (an Rspamd action name a site made up, say), so no input can make new series.
+
+With ``server.workers`` > 1 (``Metrics(shared_dir=...)``, one per worker process), the
+values are kept in prometheus_client's multi-process mode: each worker writes its own
+into files in the directory the supervisor made, and a scrape of any worker reads every
+worker's files (``MultiProcessCollector``): counters and histograms are summed over the
+workers, including those that have ended, so they never go back when a worker is
+restarted. The state gauges are written by each worker once a second (and by the one
+scraped just before it answers) and combined over the live workers (:data:`STATE_GAUGES`);
+the ``process_*`` series are the supervisor's and its workers' together
+(:class:`_Processes`); the ``python_gc_*`` series are left out.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterable
 
 import prometheus_client
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
-                               PlatformCollector, ProcessCollector, generate_latest)
-from prometheus_client.core import GaugeMetricFamily
+                               PlatformCollector, ProcessCollector, generate_latest, values)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 from .model import (ADD_HEADER, GREYLIST, NO_ACTION, REJECT, REWRITE_SUBJECT, SOFT_REJECT,
@@ -93,6 +106,29 @@ QUARANTINE_TIMEOUT = 2.0
 #: children kept per labelled metric (the label sets are bounded; this bounds the cache)
 MAX_CHILDREN = 4096
 
+#: the gauges that mirror state: name -> (help, how the workers' values combine with
+#: ``server.workers`` > 1: prometheus_client's multiprocess_mode over the live workers)
+STATE_GAUGES = {
+    "exim_policy_connections_open": (
+        "Open client connections (spamd and HTTP listeners; server.max_connections)",
+        "livesum"),
+    "exim_policy_requests_in_flight": ("Complete requests being answered", "livesum"),
+    "exim_policy_bytes_in_flight": (
+        "Request body bytes held (server.max_bytes_in_flight)", "livesum"),
+    "exim_policy_scans_in_flight": ("Rspamd scans under way (server.max_scans)", "livesum"),
+    "exim_policy_forwarding_map_entries": (
+        "Addresses and @domains in the forwarding map in use", "livemax"),
+    "exim_policy_forwarding_map_loaded_timestamp_seconds": (
+        "When the forwarding map in use was read (Unix time; 0: none yet)", "livemin"),
+}
+QUARANTINE_GAUGE = "exim_policy_quarantine_messages"
+QUARANTINE_HELP = "Quarantine entries by state"
+#: seconds between a worker's writes of its state gauges (server.workers > 1)
+PUBLISH_EVERY = 1.0
+#: the supervisor's file in the shared directory: its pid, its workers' pids and the CPU
+#: seconds of the workers that have ended (for the process_* series)
+PROCESSES_FILE = "processes.json"
+
 
 def _one_of(value: object, allowed: tuple[str, ...]) -> str:
     value = getattr(value, "value", value)  # an enum (Traffic, AccountStatus)
@@ -129,20 +165,42 @@ def _message_labels(values: tuple) -> tuple:
             _one_of(rspamd, ACTIONS + (FAILED, SKIPPED)), _one_of(action, ACTIONS + (DEFER,)))
 
 
-class Metrics:
-    """One daemon's metrics (see the module's doc)."""
+def share_values(directory: str) -> None:
+    """Switch this process's prometheus_client values to its multi-process mode, kept in
+    files of this process's in ``directory`` (process-wide: for a worker process, before
+    its first metric is made)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """One daemon's metrics (see the module's doc); ``shared_dir``: one worker's, counted
+    with the other workers' in that directory. Every worker reloads the configuration and
+    re-reads the forwarding map: only the ``primary`` one (worker 1) counts that, so a
+    SIGHUP is one reload in the metrics, as with one process."""
+
+    def __init__(self, shared_dir: str | None = None, *, primary: bool = True) -> None:
         # the *_created series (a second series per counter) mean nothing to a scraper here
         disable_created = getattr(prometheus_client, "disable_created_metrics", None)
         if disable_created is not None:
             disable_created()
-        self.registry = registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        self.shared_dir = shared_dir
+        self.primary = primary
+        self.registry = CollectorRegistry(auto_describe=False)
+        if shared_dir is None:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+            registry: CollectorRegistry | None = self.registry
+        else:
+            share_values(shared_dir)
+            MultiProcessCollector(self.registry, path=shared_dir)
+            PlatformCollector(registry=self.registry)
+            self.registry.register(_Processes(shared_dir))
+            registry = None  # the values go to the files, which the collector reads
         Gauge("exim_policy_build_info", "The running exim-policy; always 1", ("version",),
-              registry=registry).labels(__version__).set(1)
+              registry=registry, multiprocess_mode="max").labels(__version__).set(1)
 
         def counter(name, doc, labels, known=(), clean=None):
             metric = Counter(name, doc, labels, registry=registry)
@@ -217,12 +275,20 @@ class Metrics:
         self.quarantine: QuarantineReceiver | None = None
         self._quarantine_counts: dict[str, int] = {}
         self._quarantine_read = float("-inf")
-        registry.register(_State(self))
+        if registry is not None:
+            registry.register(_State(self))
+        else:
+            self._state_gauges = {name: Gauge(name, doc, registry=None, multiprocess_mode=mode)
+                                  for name, (doc, mode) in STATE_GAUGES.items()}
+            self._quarantine_gauge = Gauge(QUARANTINE_GAUGE, QUARANTINE_HELP, ("state",),
+                                           registry=None, multiprocess_mode="livesum")
 
     @classmethod
-    def for_config(cls, config: Config) -> Metrics | None:
-        """A Metrics for the daemon, or None with ``[metrics]`` off."""
-        return cls() if config.metrics.enabled else None
+    def for_config(cls, config: Config, shared_dir: str | None = None, *,
+                   primary: bool = True) -> Metrics | None:
+        """A Metrics for the daemon (for one of its workers with ``shared_dir``), or None
+        with ``[metrics]`` off."""
+        return cls(shared_dir, primary=primary) if config.metrics.enabled else None
 
     def instrument(self, config: Config, *, service: PolicyService | None = None,
                    listeners: Iterable[StreamServer] = (), limits: Limits | None = None,
@@ -282,7 +348,8 @@ class Metrics:
         self._timeouts[limit].inc()
 
     def map_reload_failed(self, reason: str) -> None:
-        self._map_failures[reason].inc()
+        if self.primary:
+            self._map_failures[reason].inc()
 
     def incident(self, transition: str, state: str, shadow: bool) -> None:
         self._incidents[transition, state, shadow].inc()
@@ -298,7 +365,8 @@ class Metrics:
 
     def config_reloaded(self, ok: bool) -> None:
         """A configuration reload, applied (``ok``) or refused."""
-        self._reloads["ok" if ok else "failed"].inc()
+        if self.primary:
+            self._reloads["ok" if ok else "failed"].inc()
 
     # --------------------------------------------------------------- endpoint --
     async def scrape(self, request: Request | None = None) -> Reply:
@@ -308,7 +376,24 @@ class Metrics:
         loop's longest lag about 5 ms in the loop, 5 to 8.5 ms through asyncio.to_thread;
         docs/metrics.md)."""
         await self._read_quarantine()
+        if self.shared_dir is not None:
+            self.publish()
         return Reply(200, generate_latest(self.registry), CONTENT_TYPE)
+
+    def publish(self) -> None:
+        """Write this worker's state gauges to its file (``shared_dir`` only)."""
+        for name, value in _state_values(self):
+            self._state_gauges[name].set(value)
+        if self.quarantine is not None:
+            for state, count in self._quarantine_counts.items():
+                self._quarantine_gauge.labels(state).set(count)
+
+    async def publish_every(self, interval: float = PUBLISH_EVERY) -> None:
+        """``shared_dir``: keep this worker's state gauges at most ``interval`` s old."""
+        while True:
+            await self._read_quarantine()
+            self.publish()
+            await asyncio.sleep(interval)
 
     async def _read_quarantine(self) -> None:
         receiver = self.quarantine
@@ -361,29 +446,69 @@ class _State:
 
     def collect(self):
         m = self.metrics
-        if m.limits is not None:
-            table = m.limits.connections
-            yield _gauge("exim_policy_connections_open", "Open client connections (spamd "
-                         "and HTTP listeners; server.max_connections)", len(table))
-            yield _gauge("exim_policy_requests_in_flight", "Complete requests being "
-                         "answered", table.answering)
-            yield _gauge("exim_policy_bytes_in_flight", "Request body bytes held "
-                         "(server.max_bytes_in_flight)", m.limits.budget.used)
-        if m.service is not None:
-            yield _gauge("exim_policy_scans_in_flight", "Rspamd scans under way "
-                         "(server.max_scans)", m.service.scanning)
-        if m.watcher is not None:
-            yield _gauge("exim_policy_forwarding_map_entries", "Addresses and @domains in "
-                         "the forwarding map in use", len(m.watcher.current))
-            yield _gauge("exim_policy_forwarding_map_loaded_timestamp_seconds", "When the "
-                         "forwarding map in use was read (Unix time; 0: none yet)",
-                         m.watcher.loaded_at or 0.0)
+        for name, value in _state_values(m):
+            yield _gauge(name, STATE_GAUGES[name][0], value)
         if m.quarantine is not None and m._quarantine_counts:
-            family = GaugeMetricFamily("exim_policy_quarantine_messages", "Quarantine "
-                                       "entries by state", labels=("state",))
+            family = GaugeMetricFamily(QUARANTINE_GAUGE, QUARANTINE_HELP, labels=("state",))
             for state, count in m._quarantine_counts.items():
                 family.add_metric((state,), count)
             yield family
+
+
+def _state_values(m: Metrics) -> Iterable[tuple[str, float]]:
+    """(gauge name, value) of each state gauge that has a source."""
+    if m.limits is not None:
+        table = m.limits.connections
+        yield "exim_policy_connections_open", len(table)
+        yield "exim_policy_requests_in_flight", table.answering
+        yield "exim_policy_bytes_in_flight", m.limits.budget.used
+    if m.service is not None:
+        yield "exim_policy_scans_in_flight", m.service.scanning
+    if m.watcher is not None:
+        yield "exim_policy_forwarding_map_entries", len(m.watcher.current)
+        yield "exim_policy_forwarding_map_loaded_timestamp_seconds", m.watcher.loaded_at or 0.0
+
+
+class _Processes:
+    """``process_*`` of a daemon with workers: the supervisor's and its live workers'
+    summed, CPU also of the workers that have ended (so it never goes back); the open
+    files limit and the start time are the supervisor's. The pids come from the
+    supervisor's :data:`PROCESSES_FILE`."""
+
+    #: the supervisor's value, not a sum
+    OWN = ("process_max_fds", "process_start_time_seconds")
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, PROCESSES_FILE)
+        self._pid = 0
+        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                known = json.load(fh)
+            supervisor, workers = int(known["supervisor"]), [int(p) for p in known["workers"]]
+            ended_cpu = float(known["ended_cpu"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        totals: dict[str, list] = {}  # name -> [family, value]
+        for pid in (supervisor, *workers):
+            self._pid = pid
+            for family in self._reader.collect():
+                value = family.samples[0].value
+                if family.name not in totals:
+                    totals[family.name] = [family, value]
+                elif family.name not in self.OWN:
+                    totals[family.name][1] += value
+        for name, (family, value) in totals.items():
+            if family.type == "counter":
+                yield CounterMetricFamily(name, family.documentation,
+                                          value=value + ended_cpu)
+            else:
+                yield GaugeMetricFamily(name, family.documentation, value=value)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

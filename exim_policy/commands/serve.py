@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..workers import WorkerRole
 
 NAME = "serve"
 HELP = "run the spamd-compatible shim that Exim's spamd_address points at"
@@ -33,21 +39,44 @@ def loop_factory(choice: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import sys
 
     from .. import config as config_mod
+
+    config = config_mod.load(args.config)
+    if config.server.workers == 1:
+        return serve(config, args.config)
+    from ..workers import Supervisor
+
+    try:
+        return Supervisor(config, args.config).run()
+    except OSError as exc:  # e.g. the listen address is taken
+        print(f"exim-policy: cannot serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(config: Config, config_path: str | Path | None,
+          worker: WorkerRole | None = None) -> int:
+    """One daemon process: the only one, or ``worker`` (a
+    :class:`~exim_policy.workers.WorkerRole`) of several; the exit status."""
+    import asyncio
+    import sys
+
     from .. import daemon
     from ..logs import start_logging
 
-    config = config_mod.load(args.config)
     listener = start_logging(config.logging)
+    if worker is not None:
+        from ..workers import WorkerFormatter
+
+        for writer in listener.handlers:
+            writer.setFormatter(WorkerFormatter(writer.formatter, worker.index))
     new_loop = loop_factory(config.server.event_loop)
     loop = new_loop()
     try:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(daemon.run(config, config_path=args.config,
-                                           log_listener=listener))
+        loop.run_until_complete(daemon.run(config, config_path=config_path,
+                                           log_listener=listener, worker=worker))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"exim-policy: cannot serve: {exc}", file=sys.stderr)
         return 2

@@ -35,12 +35,14 @@ class ShimLab:
                  port: int | None = None, rspamd_timeout: float = 5.0,
                  log_level: str = "info", log_format: str = "text", server: Mapping[str, object] | None = None,
                  quarantine: Mapping[str, object] | None = None,
-                 metrics: Mapping[str, object] | None = None) -> None:
+                 metrics: Mapping[str, object] | None = None,
+                 workers: int | None = None) -> None:
         """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own.
         ``quarantine``: run the quarantine receiver (on :attr:`quarantine_port`, its store
         in :attr:`quarantine_path`), with these ``[quarantine]`` keys over the lab's.
         ``metrics``: serve ``GET /metrics`` on :attr:`metrics_port`, with these
-        ``[metrics]`` keys over the lab's."""
+        ``[metrics]`` keys over the lab's. ``workers``: ``server.workers`` (a supervisor
+        and that many worker processes; :meth:`start` waits until every one serves)."""
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -55,11 +57,12 @@ class ShimLab:
         self.quarantine_port = free_port() if quarantine is not None else None
         self.quarantine_path = self.dir / "quarantine"
         self.metrics_port = free_port() if metrics is not None else None
+        self.workers = workers or 1
         sections: dict[str, dict[str, object]] = {
             "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
                        "query_listen": [f"{LOOPBACK}:{self.query_port}"],
                        "http_listen": [f"{LOOPBACK}:{self.http_port}"] if self.http_port else [],
-                       **(server or {})},
+                       **({"workers": workers} if workers else {}), **(server or {})},
             "rspamd": {"url": rspamd_url, "timeout": rspamd_timeout},
             "outbound": {"relay_networks": list(relay_networks),
                          "relay_networks_file": relay_networks_file},
@@ -112,6 +115,7 @@ class ShimLab:
         systemd's NOTIFY_SOCKET)."""
         if self.alive():
             return
+        started_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
@@ -129,9 +133,32 @@ class ShimLab:
                 wait_tcp(LOOPBACK, self.quarantine_port, deadline, alive=self.alive)
             if self.metrics_port is not None:
                 wait_tcp(LOOPBACK, self.metrics_port, deadline, alive=self.alive)
+            if self.workers > 1:
+                ready = f"all {self.workers} workers serving".encode()
+                while ready not in self.log_path.read_bytes()[started_at:]:
+                    if not self.alive() or time.monotonic() >= deadline:
+                        raise TimeoutError(f"not every worker serves after {timeout}s")
+                    time.sleep(0.05)
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
             raise RuntimeError(f"shim did not start: {exc}\n{self.log_tail()}") from None
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the running workers (children of the supervisor), oldest first."""
+        if self.proc is None:
+            return []
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if fields[1] == str(self.proc.pid) and fields[0] not in "ZXx":
+                pids.append((int(fields[19]), int(entry)))  # (start time, pid)
+        return [pid for _, pid in sorted(pids)]
 
     def reload(self) -> None:
         """SIGHUP: the shim re-reads :attr:`config_path` and the forwarding map."""

@@ -7,6 +7,11 @@ connection asks :meth:`StreamServer.admit` from ``connection_made`` and calls
 :meth:`StreamServer.closed` from ``connection_lost``. ``stop()`` stops accepting and lets
 every open connection finish: requests still arriving are read, scanned and answered
 within the grace period.
+
+With ``server.workers`` > 1 every worker process binds the same addresses
+(:func:`share_listeners`): a TCP address with ``SO_REUSEPORT`` in each worker (the kernel
+spreads new connections over their sockets), a unix socket once, by the supervisor
+(:func:`bind_unix`), served by every worker from the descriptor it inherited.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
@@ -34,6 +40,59 @@ def client_allowed(peername: object, allowed: tuple) -> bool:
     return network_of(peername[0], allowed) is not None
 
 
+#: connections the kernel queues per listening socket until they are accepted
+BACKLOG = 1024
+
+
+class _Sharing:
+    """How this process binds: alone (the default), or as one worker of several."""
+
+    reuse_port = False
+    #: unix socket path -> the listening socket the supervisor bound
+    unix: Mapping[str, socket.socket] = {}
+
+
+_sharing = _Sharing()
+
+
+def share_listeners(*, unix: Mapping[str, socket.socket]) -> None:
+    """Make this process one worker of several (once, before its event loop starts): every
+    TCP address binds with ``SO_REUSEPORT``, so the workers' sockets of one address form a
+    group the kernel spreads new connections over; a unix address in ``unix`` serves that
+    socket (bound by the supervisor, inherited), any other binds as usual."""
+    _sharing.reuse_port = True
+    _sharing.unix = dict(unix)
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` with ``mode`` (a socket left over from a
+    previous run is replaced; one a live process listens on is an error)."""
+    if os.path.exists(path) and _is_stale_socket(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def check_tcp_free(address: ListenAddress) -> None:
+    """Raise OSError (EADDRINUSE) when another process listens on ``address``: workers
+    bind with ``SO_REUSEPORT``, which would let them join another daemon's group on the
+    same port rather than fail. A plain bind fails whenever any socket holds the port."""
+    family = socket.AF_INET6 if address.host is not None and ":" in address.host \
+        else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+        if family == socket.AF_INET6:  # as asyncio binds an IPv6 address
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+
+
 async def start_listeners(addresses: tuple[ListenAddress, ...],
                           protocol_factory: Callable[[], asyncio.Protocol],
                           unix_mode: int = 0o666) -> list[asyncio.AbstractServer]:
@@ -47,14 +106,23 @@ async def start_listeners(addresses: tuple[ListenAddress, ...],
     try:
         for address in addresses:
             if address.is_unix:
+                shared = _sharing.unix.get(address.path)  # type: ignore[arg-type]
+                if shared is not None:
+                    servers.append(await loop.create_unix_server(
+                        protocol_factory, sock=shared, backlog=BACKLOG))
+                    continue
                 if os.path.exists(address.path) and _is_stale_socket(address.path):
                     os.unlink(address.path)
                 servers.append(await loop.create_unix_server(protocol_factory, address.path))
                 os.chmod(address.path, unix_mode)
+            elif _sharing.reuse_port:
+                servers.append(await loop.create_server(
+                    protocol_factory, address.host, address.port, reuse_address=True,
+                    reuse_port=True, backlog=BACKLOG))
             else:
                 servers.append(await loop.create_server(
                     protocol_factory, address.host, address.port, reuse_address=True,
-                    backlog=1024))
+                    backlog=BACKLOG))
     except OSError:
         for server in servers:
             server.close()
