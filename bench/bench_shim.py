@@ -10,8 +10,8 @@ of the shim process vs. Rspamd's processes.
 alternating rounds: one with ``[metrics]`` on, one with ``[metrics]`` on and JSON logs.
 Each prints its CPU per message; a metered shim is scraped before and after each of its
 rounds (its counters must have moved by exactly the messages sent; the scrape after the
-round is in its CPU figure). It also times the metrics calls themselves in this process: the counting per
-message, a ``labels()`` lookup, one scrape.
+round is in its CPU figure). It also times the metrics calls themselves in this process: the
+counting per message, a ``labels()`` lookup, one scrape.
 
 ``--workers 2`` (a list: ``2,4``): a shim with ``server.workers = 2`` runs beside the first
 (workers = 1) in the same rounds; its CPU is the supervisor's and its workers' together. With
@@ -60,7 +60,8 @@ def ham(i: int, paragraphs: int = 18) -> bytes:
 
 
 def exim_request(i: int, paragraphs: int = 18) -> bytes:
-    body = exim_mbox_wrap(ham(i, paragraphs), sender="alice@example.org", recipients=["bob@stack.test"])
+    body = exim_mbox_wrap(ham(i, paragraphs), sender="alice@example.org",
+                          recipients=["bob@stack.test"])
     head = (f"CHECK RSPAMC/1.3\r\nContent-length: {len(body)}\r\nQueue-Id: 1bench-{i:06d}-00\r\n"
             f"From: <alice@example.org>\r\nRecipient-Number: 1\r\nRcpt: <bob@stack.test>\r\n"
             f"Helo: client.test\r\nIP: 127.0.0.1\r\n\r\n")
@@ -93,7 +94,8 @@ async def one(port: int, payload: bytes) -> tuple[float, bytes]:
     return time.perf_counter() - started, reply
 
 
-async def run_round(port: int, payloads: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+async def run_round(port: int, payloads: list[bytes],
+                    concurrency: int) -> tuple[float, list[float]]:
     queue = list(reversed(payloads))
     latencies: list[float] = []
 

@@ -109,7 +109,8 @@ def _actions(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("expected a list of Rspamd action names")
     for action in value:
-        if not action or len(action.encode()) > MAX_ACTION_BYTES or "\r" in action or "\n" in action:
+        if not action or len(action.encode()) > MAX_ACTION_BYTES or "\r" in action \
+                or "\n" in action:
             raise ValueError(f"{action!r} is not a valid action name")
     return tuple(value)
 
@@ -121,7 +122,7 @@ def _http_url(value: object) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{value!r}: expected http://host:port (Rspamd's normal worker)")
     try:
-        parts.port
+        _ = parts.port  # raises for a port that is not a number or out of range
     except ValueError:
         raise ValueError(f"{value!r}: bad port") from None
     return value.rstrip("/")
@@ -316,7 +317,8 @@ class ServerConfig:
     workers: int = field(default=1, metadata=_parse(_workers))
     #: permissions of unix sockets (allowed_clients filters TCP peers only; a unix socket is
     #: guarded by this mode: Exim runs as Debian-exim and must be able to connect)
-    unix_socket_mode: int = field(default=0o666, metadata=_parse(_octal_mode, show=lambda mode: f"{mode:04o}"))
+    unix_socket_mode: int = field(default=0o666, metadata=_parse(
+        _octal_mode, show=lambda mode: f"{mode:04o}"))
     #: open client connections; when full, the one that has been sending its request
     #: longest is closed to make room (one still sending holds no scan slot)
     max_connections: int = field(default=1024, metadata=_parse(_positive_int))
@@ -490,7 +492,8 @@ class AccountsConfig:
     relay_key: str = field(default="ip", metadata=_parse(_choice("ip", "sender")))
     #: how long the incidents and audit trail of an account that sends nothing more are
     #: kept (held and locked accounts are kept until a human acts)
-    history: float = field(default=30 * 86400.0, metadata=_parse(parse_duration, show=format_duration))
+    history: float = field(default=30 * 86400.0,
+                           metadata=_parse(parse_duration, show=format_duration))
     limits: tuple[LimitConfig, ...] = ()
     incident: IncidentConfig = IncidentConfig()
     notify: NotifyConfig = NotifyConfig()
@@ -516,7 +519,8 @@ class QuarantineConfig:
     #: messages/ (one file per message) and index.db (envelope, evidence, state, audit)
     path: str = "/var/lib/exim-policy/quarantine"
     #: ``quarantine purge`` (and the daemon, hourly) removes entries older than this
-    retention: float = field(default=30 * 86400.0, metadata=_parse(parse_duration, show=format_duration))
+    retention: float = field(default=30 * 86400.0,
+                             metadata=_parse(parse_duration, show=format_duration))
     #: larger messages get a 552 (Exim bounces them to the sender: keep this above
     #: EXIM_POLICY_MAX_SCAN_SIZE, a quarantined message was scanned)
     max_message_size: int = field(default=64 * 1024 * 1024, metadata=_parse(_positive_int))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ..config import toml_value
 from .ports import LOOPBACK, free_port, tcp_accepts, wait_tcp
@@ -33,7 +33,8 @@ class ShimLab:
                  relay_networks_file: str = "",
                  failure: Mapping[str, str] | None = None, extra_toml: str = "",
                  port: int | None = None, rspamd_timeout: float = 5.0,
-                 log_level: str = "info", log_format: str = "text", server: Mapping[str, object] | None = None,
+                 log_level: str = "info", log_format: str = "text",
+                 server: Mapping[str, object] | None = None,
                  quarantine: Mapping[str, object] | None = None,
                  metrics: Mapping[str, object] | None = None,
                  workers: int | None = None) -> None:

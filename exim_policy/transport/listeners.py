@@ -20,7 +20,8 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
 from ..config import ListenAddress, ServerConfig
 from ..networks import network_of
@@ -111,7 +112,9 @@ async def start_listeners(addresses: tuple[ListenAddress, ...],
                     servers.append(await loop.create_unix_server(
                         protocol_factory, sock=shared, backlog=BACKLOG))
                     continue
-                if os.path.exists(address.path) and _is_stale_socket(address.path):
+                # at start only: a stat and a connect attempt on a local path
+                if os.path.exists(address.path) and _is_stale_socket(  # noqa: ASYNC240
+                        address.path):
                     os.unlink(address.path)
                 servers.append(await loop.create_unix_server(protocol_factory, address.path))
                 os.chmod(address.path, unix_mode)
@@ -146,7 +149,7 @@ class StreamServer:
     name = "stream"
     #: counts refusals, protocol errors, waits (None: metrics off); set by
     #: :meth:`Metrics.instrument <exim_policy.metrics.Metrics.instrument>`
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
     #: the key that names ``config.allowed_clients`` (in the log line of a refusal)
     allowed_key = "server.allowed_clients"
 
