@@ -11,7 +11,7 @@ import pytest
 
 from exim_policy import cli
 from exim_policy.config import ForwardingConfig, ForwardingSource
-from exim_policy.forwarding import writer
+from exim_policy.forwarding import mapfile
 from exim_policy.forwarding.build import ForwardingError, build_map, check_map, explain
 from exim_policy.forwarding.mapfile import ForwardingMap
 
@@ -229,20 +229,25 @@ def test_configuration_problems(site, capsys, tmp_path):
     assert code == 2 and "no such file" in err
 
 
-def test_writer_round_trip(tmp_path):
+def test_map_file_round_trip(tmp_path):
     entries = ["@old.example", "a@example.com", "b@example.net"]
-    text = writer.render_map(entries, datetime(2024, 5, 1, 12, tzinfo=timezone.utc))
+    text = mapfile.render(mapfile.map_body(entries), len(entries),
+                          datetime(2024, 5, 1, 12, tzinfo=timezone.utc))
     assert text == ("# exim-policy forwarding map: 3 entries, built 2024-05-01T12:00:00Z\n"
                     "# written by `exim-policy forwardings build`; do not edit\n"
                     "@old.example\na@example.com\nb@example.net\n")
     path = tmp_path / "map.txt"
-    writer.atomic_write(str(path), text)
-    assert writer.read_entries(str(path)) == entries
-    assert writer.is_current(str(path), writer.map_body(entries))
-    assert not writer.is_current(str(path), writer.map_body(entries[:2]))
+    mapfile.atomic_write(str(path), text)
+    assert mapfile.read_entries(str(path)) == entries
+    assert mapfile.is_current(str(path), mapfile.map_body(entries))
+    assert not mapfile.is_current(str(path), mapfile.map_body(entries[:2]))
     assert ForwardingMap.parse(text).domains == {"old.example"}
+    assert all(mapfile.has_entry(str(path), a) for a in ("A@Example.com", "x@old.example"))
+    assert not mapfile.has_entry(str(path), "c@example.com")
     lsearch = tmp_path / "map.lsearch"
-    writer.atomic_write(str(lsearch), writer.render_lsearch(entries))
-    assert writer.read_entries(str(lsearch), lsearch=True) == entries
-    empty = writer.render_map([])
-    assert empty.startswith("# exim-policy forwarding map: 0 entries") and writer.parse_map(empty) == []
+    mapfile.atomic_write(str(lsearch), mapfile.render(mapfile.lsearch_body(entries), 3))
+    assert mapfile.read_entries(str(lsearch), lsearch=True) == entries
+    assert mapfile.read_entries(str(tmp_path / "missing")) is None
+    empty = mapfile.render(mapfile.map_body([]), 0)
+    assert empty.startswith("# exim-policy forwarding map: 0 entries")
+    assert ForwardingMap.parse(empty).entries() == []

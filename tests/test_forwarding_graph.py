@@ -1,10 +1,10 @@
 """The forwarding graph: which local addresses reach an external mailbox, and explain().
 
-Scenarios are lsearch texts (parsed by the real parser) -> the expected map entries.  Every
-scenario is built three times: as ``build_map`` does it (``detail=False``, the parser given
-the local domains so that it drops external targets), as a map build from full batches, and
-as explain builds it (``detail=True``); all must give the same entries.  Generated alias sets are compared with
-a deliberately naive reference (per-address search, no interning, no bulk tricks).
+Scenarios are lsearch texts (read by the real reader) -> the expected map entries.  Every
+scenario is built as ``build_map`` does it (a map graph) and as explain builds it
+(``detail=True``: every address and end a node); both must give the same entries and
+warnings.  Generated alias sets are compared with a deliberately naive reference
+(per-address search, no interning, no bulk tricks).
 """
 from __future__ import annotations
 
@@ -13,35 +13,34 @@ from pathlib import Path
 
 import pytest
 
-from exim_policy.forwarding.graph import GraphBuilder
-from exim_policy.forwarding.sources import SPECIAL_START, parse_lsearch, parse_sqlite
+from exim_policy.forwarding import lsearch, sqlite_source
+from exim_policy.forwarding.graph import ForwardingGraph, Warnings
+from exim_policy.forwarding.redirect import END_START
 
 import alias_sets
 
 LOCAL = ("x.test", "y.test")
 
 
-def build(tmp_path: Path, *texts: str, local=LOCAL, detail=False, preclassify=False,
-          **options):
-    """Graph of lsearch sources ``texts`` (written to files virtual0, virtual1, ...);
-    ``preclassify``: the parser drops external targets (as build_map's parse does)."""
-    builder = GraphBuilder(local, detail=detail, case_sensitive=options.get("case_sensitive", False))
+def build(tmp_path: Path, *texts: str, local=LOCAL, detail=False, **options):
+    """Graph of lsearch sources ``texts`` (written to files virtual0, virtual1, ...)."""
+    warn = Warnings()
+    sources = []
     for i, text in enumerate(texts):
         path = tmp_path / f"virtual{i}"
         path.write_text(text)
-        if preclassify:
-            options["local_domains"] = builder.local_domains
-        builder.add_batch(parse_lsearch(str(path), warn=builder.warn, **options))
-    return builder.build()
+        sources.append(lsearch.read(str(path), frozenset(local), detail=detail, warn=warn,
+                                    **options))
+    return ForwardingGraph(sources, local, detail=detail, warn=warn,
+                           case_sensitive=options.get("case_sensitive", False))
 
 
 def entries_both_ways(tmp_path, *texts, **options) -> tuple[list[str], list[str]]:
-    fast = build(tmp_path, *texts, preclassify=True, **options)
-    full = build(tmp_path, *texts, **options)
+    fast = build(tmp_path, *texts, **options)
     detail = build(tmp_path, *texts, detail=True, **options)
-    assert fast.entries() == full.entries() == detail.entries()
-    assert fast.warnings == full.warnings
-    return fast.entries(), fast.warnings
+    assert fast.entries() == detail.entries()
+    assert fast.warn.first == detail.warn.first
+    return fast.entries(), fast.warn.first
 
 
 SCENARIOS = [
@@ -150,10 +149,10 @@ def test_sources_are_combined_by_union(tmp_path):
     path = tmp_path / "virtual"
     path.write_text("b@x.test: mbox@x.test\nc@x.test: b@x.test\nloc@y.test: loc@y.test\n")
     for detail in (False, True):
-        builder = GraphBuilder(LOCAL, detail=detail)
-        builder.add_batch(parse_lsearch(str(path), warn=builder.warn))
-        builder.add_batch(parse_sqlite(str(db), "SELECT s, d FROM f"))
-        graph = builder.build()
+        local = frozenset(LOCAL)
+        graph = ForwardingGraph([lsearch.read(str(path), local, detail=detail),
+                                 sqlite_source.read(str(db), "SELECT s, d FROM f", local,
+                                                    detail=detail)], LOCAL, detail=detail)
         # b: a mailbox in the file, a forward in the table -> forwards; loc@y.test is an exact
         # key in the file, but the table's catch-all covers it (it is no key there)
         assert graph.entries() == ["@y.test", "a@x.test", "b@x.test", "c@x.test", "loc@y.test"]
@@ -239,7 +238,7 @@ def reference(local: frozenset, sources: list[tuple[list, bool]]) -> list[str]:
                 yield from wild[domain]
             elif star is not None:
                 for t in star:
-                    yield t if "@" in t or (t[0] in SPECIAL_START and t[0] != "\\") \
+                    yield t if "@" in t or (t[0] in END_START and t[0] != "\\") \
                         else f"{t}@{domain}"
 
     def forwards(address):
@@ -250,7 +249,7 @@ def reference(local: frozenset, sources: list[tuple[list, bool]]) -> list[str]:
                     if t[1:].rpartition("@")[2] not in local:
                         return True
                     continue
-                if t[0] in SPECIAL_START:
+                if t[0] in END_START:
                     continue
                 if t.rpartition("@")[2] not in local:
                     return True
@@ -265,7 +264,7 @@ def reference(local: frozenset, sources: list[tuple[list, bool]]) -> list[str]:
     for entries, _ in sources:
         for _key, targets, _line in entries:
             candidates |= {t for t in targets
-                           if t[0] not in SPECIAL_START and t.rpartition("@")[2] in local}
+                           if t[0] not in END_START and t.rpartition("@")[2] in local}
     result = {a for a in candidates if forwards(a)}
     domains = set().union(*(set(w) for _e, w, _s in tables))
     if any(s is not None for _e, _w, s in tables):
@@ -279,23 +278,19 @@ def reference(local: frozenset, sources: list[tuple[list, bool]]) -> list[str]:
 def test_generated_sets_match_the_reference(tmp_path, seed, aliases, edges, domains):
     path = alias_sets.generate(tmp_path, seed, aliases, edges, domains)
     local = alias_sets.local_domains(tmp_path)
-    expected = reference(local, [(parse_lsearch(str(path)).entries(), True)])
+    entries = alias_sets.entries(lsearch.read(str(path), local, detail=True))
+    expected = reference(local, [(entries, True)])
     assert any(e.startswith("@") for e in expected)  # the sets do exercise wildcards
-    for detail, preclassify in ((False, True), (False, False), (True, False)):
-        builder = GraphBuilder(local, detail=detail)
-        builder.add_batch(parse_lsearch(str(path),
-                                        local_domains=local if preclassify else None))
-        graph = builder.build()
+    for detail in (False, True):
+        graph = ForwardingGraph([lsearch.read(str(path), local, detail=detail)], local,
+                                detail=detail)
         assert graph.entries() == expected
         for address in expected[:200]:
             if not address.startswith("@"):
                 assert graph.is_forwarding(address)
     # explain agrees with the map for every key
-    graph = GraphBuilder(local, detail=True)
-    graph.add_batch(parse_lsearch(str(path)))
-    graph = graph.build()
     wanted = set(expected)
-    for key, _t, _l in parse_lsearch(str(path)).entries()[:300]:
+    for key, _t, _l in entries[:300]:
         if key.startswith("*"):
             continue
         result = graph.explain(key)
@@ -309,33 +304,14 @@ def test_generated_sets_match_the_reference(tmp_path, seed, aliases, edges, doma
             assert result.reason
 
 
-def test_preclassified_batches_drop_only_external_fast_path_targets(tmp_path):
-    text = ("a@x.test: b@x.test, e1@ext.example, M@Y.TEST\n"
-            "b@x.test: E2@EXT.example,\n  c@x.test\n"
-            "c@x.test: |/bin/prog, e3@ext.example\n"  # a scanner entry: kept whole
-            "*@y.test: e4@ext.example\n")
-    path = tmp_path / "virtual"
-    path.write_text(text)
-    full = parse_lsearch(str(path))
-    pre = parse_lsearch(str(path), local_domains=frozenset(LOCAL))
-    assert not full.external_owners and full.local_domains is None and not full.keys_local
-    assert sorted(pre.external_owners) == [0, 1]  # e1 of a@, e2 of b@ (entries 0 and 1)
-    assert sorted(pre.targets) == ["b@x.test", "c@x.test", "e3@ext.example", "m@y.test",
-                                   "|/bin/prog"]
-    assert pre.keys_local and pre.keys == full.keys and pre.wildcards == full.wildcards
-    # a key outside the local domains: the graph must still check (and warn) itself
-    path.write_text(text + "k@other.test: e5@ext.example\n")
-    assert not parse_lsearch(str(path), local_domains=frozenset(LOCAL)).keys_local
-    graph = build(tmp_path, text + "k@other.test: e5@ext.example\n", preclassify=True)
-    assert any("other.test is not a local domain" in w for w in graph.warnings)
-    # m@y.test is a key nowhere, but the *@y.test wildcard forwards it
-    assert graph.entries() == ["@y.test", "a@x.test", "b@x.test", "c@x.test", "m@y.test"]
-
-
-def test_a_detail_graph_refuses_a_preclassified_batch(tmp_path):
-    path = tmp_path / "virtual"
-    path.write_text("a@x.test: e@ext.example\n")
-    builder = GraphBuilder(LOCAL, detail=True)
-    builder.add_batch(parse_lsearch(str(path), local_domains=frozenset(LOCAL)))
-    with pytest.raises(ValueError, match="detail"):
-        builder.build()
+def test_several_sources_of_one_key(tmp_path):
+    """A key of two sources is one address: it forwards if either entry does; a source's
+    wildcard covers the addresses that are no key *there*."""
+    texts = ("a@x.test: m@x.test\nb@x.test: a@x.test\nd@x.test: d@x.test\n"
+             "d@x.test: out@gmail.example\nk@x.test: k@x.test\nn@x.test: n@x.test\n",
+             "a@x.test: out@gmail.example\n*@x.test: catch@gmail.example\nn@x.test: n@x.test\n")
+    entries, warnings = entries_both_ways(tmp_path, *texts)
+    assert entries == ["@x.test", "a@x.test", "b@x.test", "d@x.test", "k@x.test", "m@x.test"]
+    assert f"{tmp_path}/virtual0:4: duplicate key 'd@x.test' ignored (the first one wins)" \
+        in warnings
+    assert any(w.startswith("n@x.test does not forward, but the map's @x.test") for w in warnings)

@@ -4,8 +4,8 @@
 Each snippet under conf.d/ is a Debian-specific head followed by a marker line
 ``# ---- exim/<file> ----`` and then that file verbatim, optionally followed by an end
 marker ``# ---- end of exim/<file> ----`` and a Debian-specific tail. This script keeps
-each head (and tail) and replaces what is between them.  ``--check`` only reports (exit 1) when a snippet
-is out of date; tests/e2e/test_exim_config.py runs the same comparison.
+each head (and tail) and replaces what is between them.  ``--check`` only reports (exit 1)
+when a snippet is out of date; tests/e2e/test_e2e_exim_config.py runs the same comparison.
 
     python3 exim/debian/regenerate.py [--check]
 """

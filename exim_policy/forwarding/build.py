@@ -1,27 +1,20 @@
-"""Orchestration: configured sources -> graph -> map file(s).  Used by the CLI and the daemon.
-
-``build_map(config)`` reads every source, computes the forwarding set and rewrites the map
-(and the optional lsearch output) only when its entries changed.  Any error in any source
-raises :class:`ForwardingError` *before* anything is written, so the old map stays as it was.
-All functions here block (file and SQLite I/O, and a few seconds of CPU for a million
-aliases): call them from a thread, not from the event loop.
+"""Configured sources -> graph -> map file(s), for the CLI: ``build_map`` rewrites the map
+(and the optional lsearch output) only when its entries changed, ``check_map`` compares what
+a build would write with the files (``build --check``).  An error in any source raises
+:class:`ForwardingError` *before* anything is written: the old map stays.  All of it blocks
+(file and SQLite I/O, seconds of CPU at a million aliases): not for the event loop.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from ..config import ForwardingConfig
-from . import bulk, writer
-from .graph import Explanation, ForwardingGraph, GraphBuilder, MapData
-from .sources import ForwardingError, ForwardingSourceError, is_domain, open_source, read_text
-
-__all__ = ["BuildResult", "CheckResult", "ForwardingError", "build_map", "check_map",
-           "explain", "load_graph", "local_domains"]
+from . import lsearch, mapfile, sqlite_source
+from .addresses import ForwardingError, ForwardingSourceError, is_domain, read_text
+from .graph import Explanation, ForwardingGraph, MapData, Warnings
 
 
 @dataclass(frozen=True)
@@ -30,13 +23,10 @@ class BuildResult:
     lsearch_path: str  # "" when no lsearch output is configured
     entries: int
     aliases: int
-    #: targets read (addresses, pipes, files, specials)
-    targets: int
+    targets: int  #: targets read (addresses, pipes, files, specials)
     sources: int
-    #: the files that were (re)written; empty when everything was current
-    written: tuple[str, ...]
-    #: the first warnings (see ``warning_count`` for how many there were)
-    warnings: tuple[str, ...]
+    written: tuple[str, ...]  #: the files (re)written; empty when all were current
+    warnings: tuple[str, ...]  #: the first warnings (``warning_count``: how many in all)
     warning_count: int
     seconds: float
 
@@ -48,21 +38,17 @@ class BuildResult:
 @dataclass(frozen=True)
 class CheckResult:
     current: bool
-    #: one line per stale or missing output file, e.g. ``/path: 2 added, 1 removed``
-    stale: tuple[str, ...]
+    stale: tuple[str, ...]  #: per stale or missing file: ``/path: stale, 2 to add, ...``
     entries: int
     warnings: tuple[str, ...]
     warning_count: int
 
 
 def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
-    """``local_domains`` plus the domains in ``local_domains_file``.
-
-    The file is read like an Exim domain-list file: one domain per line, ``#`` comment
-    lines and blank lines ignored; a trailing ``: data`` (an lsearch-style file) is allowed.
-    Patterns (``*.example``, ``^regex``, ``@``, ``!negated``, ``lookup;...``) cannot be
-    enumerated and are skipped with a warning.
-    """
+    """``local_domains`` plus the domains in ``local_domains_file``, read like an Exim
+    domain-list file: one domain per line, ``#`` comments and blank lines ignored, a trailing
+    ``: data`` allowed; patterns (``*.example``, ``^regex``, ``@``, ``!negated``,
+    ``lookup;...``) cannot be enumerated and are skipped with a warning."""
     domains = set()
     for i, domain in enumerate(config.local_domains):
         domain = domain.strip().lower()
@@ -91,75 +77,55 @@ def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
     return frozenset(domains)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the block (and back on after it, if it was).
-
-    A build creates millions of strings, ints and lists and frees none of them until it is
-    done; none of them form cycles.  With the collector on, every few thousand allocations
-    it rescans the ever-growing heap (measured: 0.6 s of a 7 s build of a million aliases,
-    most of it in the parse; the graph stage already pauses it itself).
-    """
+def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
+    """Read all sources and build the graph (``detail=True`` for explain)."""
+    # A build creates millions of strings, ints and lists and frees none of them until it
+    # is done; none of them form cycles.  With the collector on, every few thousand
+    # allocations it rescans the ever-growing heap (seconds at a million aliases).
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        warn = Warnings()
+        local = local_domains(config, warn)
+        if not config.sources:
+            warn("forwarding.sources is empty: the map will be empty")
+        sources = []
+        for i, source in enumerate(config.sources):
+            if source.domain and source.domain.lower() not in local:
+                raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is "
+                                      "not a local domain")
+            options = dict(domain=source.domain, case_sensitive=config.case_sensitive_local_parts,
+                           detail=detail, warn=warn)
+            if source.type == "lsearch":
+                sources.append(lsearch.read(source.path, local, **options))
+            elif source.type == "sqlite":
+                sources.append(sqlite_source.read(source.path, source.query, local, **options))
+            else:
+                raise ForwardingError(f"{source.path}: unknown source type {source.type!r}")
+        return ForwardingGraph(sources, local, case_sensitive=config.case_sensitive_local_parts,
+                               detail=detail, warn=warn)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
-    """Read all sources and build the graph (``detail=True`` for explain)."""
-    with _gc_paused():
-        return _load_graph(config, detail)
-
-
-def _load_graph(config: ForwardingConfig, detail: bool) -> ForwardingGraph:
-    builder = GraphBuilder((), case_sensitive=config.case_sensitive_local_parts, detail=detail)
-    builder.local_domains = local_domains(config, builder.warn)
-    if not config.sources:
-        builder.warn("forwarding.sources is empty: the map will be empty")
-    for i, source in enumerate(config.sources):
-        if source.domain and source.domain.lower() not in builder.local_domains:
-            raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is not a "
-                                  "local domain")
-        # map builds let the parser drop external targets (keeping only their owners);
-        # explain shows them, so it gets them all
-        builder.add_batch(open_source(source, case_sensitive=config.case_sensitive_local_parts,
-                                      warn=builder.warn,
-                                      local_domains=None if detail else builder.local_domains))
-    return builder.build()
-
-
-def map_data(config: ForwardingConfig, *, bulk_min_lines: int = bulk.MIN_LINES) -> MapData:
-    """The map's entries for ``config``: one large alias file takes the two-process route
-    of bulk.py when it can, everything else (and whatever that route steps back from) the
-    general one; both give the same result."""
-    warnings = GraphBuilder(())
-    domains = local_domains(config, warnings.warn)
-    data = bulk.map_data(config, domains, warnings, min_lines=bulk_min_lines)
-    return data if data is not None else load_graph(config).map_data()
-
-
 def _outputs(config: ForwardingConfig, data: MapData) -> list[tuple[str, str]]:
-    """(path, body) for each configured output file."""
     outputs = [(config.map, data.body)]
     if config.lsearch_output:
-        outputs.append((config.lsearch_output, writer.lsearch_body(data.entries)))
+        outputs.append((config.lsearch_output, mapfile.lsearch_body(data.entries)))
     return outputs
 
 
 def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> BuildResult:
     """Build and write the map(s); files whose entries are unchanged are left alone."""
     started = time.monotonic()
-    data = map_data(config)
+    data = load_graph(config).map_data()
     written = []
     for path, body in _outputs(config, data):
         try:
-            if writer.is_current(path, body):
+            if mapfile.is_current(path, body):
                 continue
-            writer.atomic_write(path, writer.render(body, data.count, now))
+            mapfile.atomic_write(path, mapfile.render(body, data.count, now))
         except OSError as exc:
             raise ForwardingError(f"{path}: cannot write: {exc.strerror or exc}") from None
         written.append(path)
@@ -172,13 +138,13 @@ def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> Build
 
 def check_map(config: ForwardingConfig) -> CheckResult:
     """Compare what a build would write with the files on disk; writes nothing."""
-    data = map_data(config)
+    data = load_graph(config).map_data()
     stale = []
-    for (path, body), lsearch in zip(_outputs(config, data), (False, True)):
+    for (path, body), lsearch_output in zip(_outputs(config, data), (False, True), strict=False):
         try:
-            if writer.is_current(path, body):
+            if mapfile.is_current(path, body):
                 continue
-            on_disk = writer.read_entries(path, lsearch=lsearch)
+            on_disk = mapfile.read_entries(path, lsearch=lsearch_output)
         except OSError as exc:
             raise ForwardingError(f"{path}: cannot read: {exc.strerror or exc}") from None
         if on_disk is None:
@@ -191,5 +157,4 @@ def check_map(config: ForwardingConfig) -> CheckResult:
 
 
 def explain(config: ForwardingConfig, address: str) -> Explanation:
-    """Why ``address`` forwards (the chains) or why not."""
     return load_graph(config, detail=True).explain(address)

@@ -1,71 +1,133 @@
 """Alias entries -> graph -> "which local addresses reach an external mailbox".  Pure: no I/O.
 
-Model (what Exim's redirect routers with ``lsearch*@`` lookups do):
+Model (what Exim's redirect routers with ``lsearch*@`` lookups do; checked against
+``exim -bt``, tests/test_forwarding_exim.py):
 
-- Nodes are addresses (interned to ints), plus one *wildcard node* per ``(source, domain)``
-  with a ``*@domain`` key (or a ``*`` key, instantiated per local domain with bare targets
-  qualified to that domain), plus one *probe node* per domain that some wildcard covers (it
-  stands for "an address of that domain that is a key nowhere").
-- A local address resolves, **per source**, to its exact entry if it is a key there, else
-  to that source's ``*@domain`` wildcard, else to its ``*`` wildcard (``lsearch*@``'s order);
-  the sources are combined by union: an address forwards if *any* source forwards it (a
-  conservative reading of several redirect routers, which may be ordered either way).
-- Within one lsearch source the first line with a key wins (Exim's lsearch); later
-  duplicates are ignored with a warning.  SQL sources use all rows of a key.
-- Targets: an address in a local domain is followed; any other address is *external* (the
-  answer); pipes, files, ``:blackhole:``, ``:defer:``, ``:fail:`` and ``\\local`` are local
-  ends; a local address that is a key nowhere (and no wildcard covers) is a mailbox.
-- A key whose domain is not local is never looked up by Exim: it is ignored with a warning.
+- Nodes are addresses (interned to ints), one *wildcard node* per ``(source, domain)`` with a
+  ``*@domain`` key (or a ``*`` key: one per local domain, bare targets qualified to it), and
+  one *probe node* per domain a wildcard covers ("an address of it that is a key nowhere").
+- A local address resolves, **per source**, to its exact entry, else to that source's
+  ``*@domain``, else to its ``*`` (``lsearch*@``'s order); the sources are combined by union:
+  an address forwards if *any* source forwards it (several redirect routers, in any order).
+- In an lsearch source the first line of a key wins (Exim's lsearch), later ones are ignored
+  with a warning; SQL sources use all rows of a key.
+- An address in a local domain is followed, any other is *external* (the answer); pipes,
+  files, ``:blackhole:``, ``:defer:``, ``:fail:`` and ``\\local`` are local ends; a local
+  address that is a key nowhere (and no wildcard covers) is a mailbox.
 
-"Reaches external" is a breadth-first search over the *reverse* edges from all external
-nodes (map builds do not materialise external addresses: they start from every node with an
-external target): linear in nodes + edges, no recursion, and cycles need no special case --
-a cycle with an exit is reached from the exit, a cycle without one never is (Exim delivers
-an address that loops back to an ancestor locally, so such a loop is indeed no forward).
-This was checked against ``exim -bt`` (tests/test_forwarding_exim.py).
+"Reaches external": a breadth-first search over the *reverse* edges from the nodes with an
+external target; linear, and a cycle is reached from its exits or never (Exim delivers an
+address that loops back to an ancestor locally).  Map builds leave external addresses, ends
+and mailboxes (but those a wildcard covers) out; ``detail`` graphs (explain) have them all.
 
-Speed: a million aliases must build in seconds, so the hot paths are bulk operations --
-``map``/``compress``/``dict`` calls that run at C speed over whole columns (see
-sources.Batch) -- rather than a Python loop per edge, and the garbage collector is paused
-while millions of objects are created.
-
-Map entries: every local address that reaches external, plus ``@domain`` when the domain's
-probe does, i.e. when an address of that domain that is a key nowhere would be forwarded by a
-wildcard.  A ``@domain`` line also matches the exact keys of that domain that do *not*
-forward (the map format has no exceptions).  We accept that over-match and report each such
-address as a warning: the map is used to reject *spam* bound for forwarding addresses, and
-listing only exact addresses instead would miss every address the catch-all forwards --
-the ones dictionary spam hits -- while the over-match only turns already-spam verdicts for a
-few named local addresses into rejects.
+Map entries: every local address that reaches external, and ``@domain`` when the domain's
+probe does.  ``@domain`` also matches the keys of that domain that do *not* forward (the
+map has no exceptions): each such over-match is a warning.  The map rejects *spam* to
+forwarding addresses; listing exact addresses only would miss every address the catch-all
+forwards (those dictionary spam hits), the over-match only turns already-spam verdicts for a
+few named addresses into rejects.  The work is ``map``/``compress``/``dict`` calls over whole
+columns, at C speed (build.load_graph pauses the garbage collector).
 """
 from __future__ import annotations
 
 import collections
 import functools
-import gc
-import itertools
 import operator
-from array import array
-from collections.abc import Iterable, Sequence
+import re
 from dataclasses import dataclass
+from itertools import chain, compress, repeat
 from operator import itemgetter
 
-from .sources import SPECIAL_START, Batch, Entry, parse_address
-from .writer import map_body
+from .addresses import ForwardingSourceError, ignored, key, normalize, parse_address
+from .redirect import END_START
 
-# node kinds; LOCAL must be 0 (bulk code relies on it)
-LOCAL, EXTERNAL, END, WILD, PROBE, DEAD = range(6)
-
+LOCAL, EXTERNAL, END, WILD, PROBE, DEAD = range(6)  # (LOCAL must be 0: see entries())
+#: the domain of each address of those joined by newlines (after the last "@": a quoted
+#: local part may have one)
+_DOMAINS = re.compile(r"@([^@\n]*)$", re.MULTILINE).findall
 #: characters that cannot be written to the map (Rspamd and the shim read ``#`` as a comment
 #: and only the first token of a line)
 _UNWRITABLE = frozenset("# \t\r\n\v\f")
 
 
+class Source:
+    """One source's entries in columns, as lsearch.py and sqlite_source.py give them to the
+    graph.  Entry ``i`` is line (or row) ``i + 1``; ``keys[i]`` its exact key, "" for none (a
+    comment, an ignored key, a wildcard: those are ``wildcards``, ``(key, targets, line)``).
+    The addresses are ``chunks`` of ``(targets, owners)``: ``targets`` a list or joined by
+    commas (compact: the largest thing in memory), ``owners[j]`` the entry of target ``j``.
+    Local ends are counted in ``count`` (the targets read), kept only with ``detail``."""
+
+    def __init__(self, name: str, *, detail: bool = False, first_wins: bool = True,
+                 rows: bool = False) -> None:
+        self.name, self.detail, self.first_wins, self.rows = name, detail, first_wins, rows
+        self.keys: list[str] = []
+        self.chunks: list[tuple[str | list[str], list[int]]] = []
+        self.end_targets: list[str] = []
+        self.end_owners: list[int] = []
+        self.wildcards: list[tuple[str, list[str], int]] = []
+        self.count = 0
+
+    def origin(self, line: int) -> str:
+        return f"{self.name}:{'row ' if self.rows else ''}{line}"
+
+    def read(self, entry: int, raw: str, data: str, parser, local: frozenset[str], domain: str,
+             origin: str, warn, quoted: bool = False, what: str = "key") -> None:
+        """Entry ``entry`` from its raw key and data, through redirect.py's ``parser``; a key
+        Exim never looks up is warned about and skipped (its targets counted).  ``what``:
+        the key in errors; ``domain``, ``quoted``: see addresses.key."""
+        try:
+            name = key(raw, domain, parser.case_sensitive, quoted)
+        except ValueError as exc:
+            raise ForwardingSourceError(origin, f"bad {what} {raw!r}: {exc}") from None
+        key_domain = None if name in (None, "*") else name[name.rfind("@") + 1:]
+        targets = parser.parse(data, key_domain or domain or None, origin)
+        if name is None or (key_domain is not None and key_domain not in local):
+            if warn is not None:
+                warn(ignored(origin, raw, domain, name))
+            self.count += len(targets)
+        elif name[0] == "*":
+            self.count += len(targets)
+            self.wildcards.append((name, targets, entry + 1))
+        else:
+            self.keys[entry] = name
+            self.add(entry, targets, local)
+
+    def add(self, entry: int, targets: list[str], local: frozenset[str]) -> None:
+        """The targets of entry ``entry``, as redirect.py gives them."""
+        self.count += len(targets)
+        if not self.chunks or isinstance(self.chunks[-1][0], str):
+            self.chunks.append(([], []))
+        addresses, owners = self.chunks[-1]
+        for t in targets:
+            if t[0] == "\\" and "@" in t and t[t.rfind("@") + 1:] not in local:
+                t = t[1:]  # (no further redirection, but it leaves)
+            elif t[0] in END_START:
+                if self.detail:
+                    self.end_targets.append(t)
+                    self.end_owners.append(entry)
+                continue
+            addresses.append(t)
+            owners.append(entry)
+
+
+class Warnings:
+    """Collects warnings: the first ``limit`` of them, and how many there were."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.first: list[str] = []
+        self.count, self.limit = 0, limit
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        if len(self.first) < self.limit:
+            self.first.append(message)
+
+
 @dataclass(frozen=True)
 class Hop:
-    """One address of a chain.  ``source`` is the entry (``file:line``) that redirects it
-    onward and ``key`` the lookup key that matched (the address itself, ``*@domain`` or
-    ``*``); both are None for the chain's final, external address."""
+    """An address of a chain, the entry (``file:line``) that redirects it onward and the key
+    that matched (itself, ``*@domain`` or ``*``); None, None for the final, external one."""
 
     address: str
     source: str | None
@@ -84,9 +146,7 @@ class Explanation:
 class MapData:
     """What a map build needs of a graph: the map's entries and a summary."""
 
-    #: the sorted entries, one per line, each line ending in a newline (writer.map_body);
-    #: the text rather than a list, because writing it is what a build mostly does
-    body: str
+    body: str  #: the sorted entries, each line ending in a newline (mapfile.map_body)
     count: int
     aliases: int
     targets: int
@@ -99,696 +159,368 @@ class MapData:
         return self.body.split("\n")[:-1]
 
 
-class GraphBuilder:
-    """Collects sources (:class:`Batch` es); :meth:`build` returns the finished graph.
-
-    ``detail=False`` (map builds) keeps external addresses and local mailboxes out of the
-    graph -- all externals are one node -- which saves most of the memory and time at a
-    million aliases.  ``explain`` needs ``detail=True``.
-    """
-
-    def __init__(self, local_domains: Iterable[str], *, case_sensitive: bool = False,
-                 detail: bool = False, max_warnings: int = 1000) -> None:
-        self.local_domains = frozenset(d.lower() for d in local_domains)
-        self.case_sensitive = case_sensitive
-        self.detail = detail
-        self.max_warnings = max_warnings
-        self.warnings: list[str] = []
-        self.warning_count = 0
-        self._batches: list[Batch] = []
-
-    def warn(self, message: str) -> None:
-        self.warning_count += 1
-        if len(self.warnings) < self.max_warnings:
-            self.warnings.append(message)
-
-    def warn_all(self, messages: Sequence[str]) -> None:
-        """:meth:`warn` for each of ``messages``, in bulk."""
-        self.warning_count += len(messages)
-        self.warnings.extend(messages[:max(0, self.max_warnings - len(self.warnings))])
-
-    def add_batch(self, batch: Batch) -> None:
-        self._batches.append(batch)
-
-    def add_source(self, name: str, entries: Iterable[Entry], *, first_wins: bool = True,
-                   row_origins: bool = False) -> None:
-        """Add a source given as ``(key, targets, line)`` entries (see sources.py)."""
-        batch = Batch(name, first_wins=first_wins, row_origins=row_origins)
-        for key, targets, line in entries:
-            batch.add(key, list(targets), line)
-        self.add_batch(batch)
-
-    def build(self) -> "ForwardingGraph":
-        """The graph of all batches added so far (which it empties to save memory)."""
-        # The build allocates millions of small objects and frees none of them: the cyclic
-        # garbage collector would only rescan them again and again (seconds at 1M aliases).
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return _Build(self).run()
-        finally:
-            if was_enabled:
-                gc.enable()
-
-
-class _Build:
-    """One run of GraphBuilder.build (all the mutable state of it)."""
-
-    def __init__(self, builder: GraphBuilder) -> None:
-        self.b = builder
-        self.local = builder.local_domains
-        self.detail = builder.detail
-        self.warn = builder.warn
-        self.ids: dict[str, int] = {}
-        self.names: list[str] = []
-        self.kind = bytearray()
-        self.keyed: list[int] = []  # per node: bit s set = exact key in source s
-        self.esrc = array("i")
-        self.edst = array("i")
-        self.eent = array("i")  # only with detail: the entry that made each edge
-        self.ent_src = array("i")
-        self.ent_line = array("i")
-        self.sources: list[tuple[str, str]] = []
-        self.aliases = 0
-        self.targets = 0  # targets read (all kinds), for the build summary
-        # created after the first source's keys, so that its entry i can be node i
-        self.external = self.dead = -1
-        self.cover: dict[str, list[tuple[int, int, int]]] = {}  # domain -> (bit, W, entry)
-        self.covered: list[int] = []  # nodes in a domain some wildcard covers
-        self.seeds: list[int] = []  # map builds: nodes with an external target (repeats ok)
-
-    def _new(self, name: str, kind: int, *, intern: bool = True) -> int:
-        node = len(self.names)
-        self.names.append(name)
-        self.kind.append(kind)
-        self.keyed.append(0)
-        if intern:
-            self.ids[name] = node
-        return node
-
-    def run(self) -> "ForwardingGraph":
-        batches = self.b._batches
-        offsets, enodes = [], []
-        for s, batch in enumerate(batches):
-            self.targets += len(batch.targets) + len(batch.external_owners) + sum(
-                len(targets) for _key, targets, _line in batch.wildcards)
-            self.sources.append((batch.name, "row " if batch.row_origins else ""))
-            offsets.append(len(self.ent_line))
-            self.ent_src.extend(itertools.repeat(s, len(batch.keys)))
-            self.ent_line.extend(batch.lines)
-            enodes.append(self._keys(batch, s))
-            batch.lines = []  # consumed (see build)
-            if self.external < 0:
-                self.external = self._new("<external>", EXTERNAL, intern=False)
-                self.dead = self._new("", DEAD, intern=False)  # owns ignored entries' targets
-        wild = self._wildcards(batches)
-        for batch, enode, offset in zip(batches, enodes, offsets):
-            self._targets(batch, enode, offset)
-        for node, targets, entry in wild:
-            self._edges(node, targets, entry)
-        self._coverage()
-        probes = self._probes()
-        return ForwardingGraph(self, probes)
-
-    # ----------------------------------------------------------------- keys --
-    def _keys(self, batch: Batch, s: int) -> Sequence[int]:
-        """Intern the exact keys of one batch; returns the node of each entry."""
-        keys, bit, n = batch.keys, 1 << s, len(batch.keys)
-        ids, names, kind, keyed = self.ids, self.names, self.kind, self.keyed
-        holes = keys.count(None)
-        self.aliases += n - holes
-        if not ids and batch.first_wins:
-            # the first source: entry i becomes node base + i, all in bulk
-            base = len(names)
-            nodes = range(base, base + n)
-            ids.update(zip(reversed(keys), reversed(nodes)))  # reversed: the first one wins
-            ids.pop(None, None)
-            names.extend(keys)
-            kind.extend(bytes(n))  # LOCAL == 0
-            keyed.extend(itertools.repeat(bit, n))
-            dead = [base + i for i, key in enumerate(keys) if key is None] if holes else []
-            if len(ids) != n - holes:
-                for i, key in enumerate(keys):
-                    if key is not None and ids[key] != base + i:
-                        self.aliases -= 1
-                        self.warn(f"{batch.origin(batch.lines[i])}: duplicate key {key!r}"
-                                  " ignored (the first one wins)")
-                        dead.append(base + i)
-            # (the parser may have checked the domains already, see sources.parse_lsearch)
-            domains = () if batch.keys_local and batch.local_domains == self.local else map(
-                itemgetter(2), map(str.rpartition, ids, itertools.repeat("@")))
-            if not all(map(self.local.__contains__, domains)):
-                for key, node in list(ids.items()):
-                    domain = key[key.rfind("@") + 1:]
-                    if domain not in self.local:
-                        self.aliases -= 1
-                        self.warn(f"{batch.origin(batch.lines[node - base])}: key {key!r} "
-                                  f"ignored: {domain} is not a local domain")
-                        del ids[key]
-                        dead.append(node)
-            for node in dead:
-                kind[node] = DEAD
-                keyed[node] = 0
-                names[node] = ""
-            return nodes
-        if self.dead < 0:  # a first source that is not an lsearch file
-            self.external = self._new("<external>", EXTERNAL, intern=False)
-            self.dead = self._new("", DEAD, intern=False)
-        enode = []
-        for i, key in enumerate(keys):
-            if key is None:
-                enode.append(self.dead)
-                continue
-            u = ids.get(key)
-            if u is None:
-                domain = key[key.rfind("@") + 1:]
-                if domain not in self.local:
-                    self.aliases -= 1
-                    self.warn(f"{batch.origin(batch.lines[i])}: key {key!r} ignored: {domain}"
-                              " is not a local domain")
-                    enode.append(self.dead)
-                    continue
-                u = self._new(key, LOCAL)
-            elif keyed[u] & bit and batch.first_wins:
-                self.aliases -= 1
-                self.warn(f"{batch.origin(batch.lines[i])}: duplicate key {key!r} ignored"
-                          " (the first one wins)")
-                enode.append(self.dead)
-                continue
-            keyed[u] |= bit
-            enode.append(u)
-        return enode
-
-    # ------------------------------------------------------------ wildcards --
-    def _wildcards(self, batches: list[Batch]) -> list[tuple[int, list, int]]:
-        """Wildcard nodes and the coverage table; returns (node, targets, entry) to link."""
-        out = []
-        for s, batch in enumerate(batches):
-            bit = 1 << s
-            wild: dict[str, list[tuple[int, list]]] = {}
-            star: list[tuple[int, list]] = []
-            for key, targets, line in batch.wildcards:
-                origin = batch.origin(line)
-                entry = len(self.ent_line)
-                if key == "*":
-                    if star and batch.first_wins:
-                        self.warn(f"{origin}: duplicate key '*' ignored (the first one wins)")
-                        continue
-                    star.append((entry, targets))
-                else:
-                    domain = key[2:]
-                    if domain not in self.local:
-                        self.warn(f"{origin}: key {key!r} ignored: {domain} is not a local "
-                                  "domain")
-                        continue
-                    if domain in wild and batch.first_wins:
-                        self.warn(f"{origin}: duplicate key {key!r} ignored (the first one "
-                                  "wins)")
-                        continue
-                    wild.setdefault(domain, []).append((entry, targets))
-                self.ent_src.append(s)
-                self.ent_line.append(line)
-                self.aliases += 1
-            for domain, entries in wild.items():
-                node = self._new(f"*@{domain}", WILD, intern=False)
-                out.extend((node, targets, entry) for entry, targets in entries)
-                self.cover.setdefault(domain, []).append((bit, node, entries[0][0]))
-            if star:
-                for domain in sorted(self.local - wild.keys()):
-                    node = self._new("*", WILD, intern=False)
-                    out.extend((node, _qualified(targets, domain), entry)
-                               for entry, targets in star)
-                    self.cover.setdefault(domain, []).append((bit, node, star[0][0]))
-        return out
-
-    # -------------------------------------------------------------- targets --
-    def _classify(self, target: str, domain: str) -> int:
-        """The node of a target that is not interned yet (-1: no edge needed)."""
-        if target[0] in SPECIAL_START:
-            if target[0] == "\\":
-                address = target[1:]
-                domain = address[address.rfind("@") + 1:]
-                if domain not in self.local:  # \ext@gmail: still leaves the server
-                    node = self.ids.get(address)
-                    return node if node is not None else self._classify(address, domain)
-            return self._new(target, END) if self.detail else -1
-        if domain in self.local:
-            if self.detail or domain in self.cover:
-                return self._new(target, LOCAL)
-            return -1  # a mailbox: an end, and nothing can redirect it
-        return self._new(target, EXTERNAL) if self.detail else self.external
-
-    def _targets(self, batch: Batch, enode: Sequence[int], offset: int) -> None:
-        """Edges for all targets of one batch, in bulk."""
-        targets, owners = batch.targets, batch.owners
-        # the build consumes the batch: its target strings are the largest thing in memory
-        batch.targets, batch.owners = [], []
-        ids = self.ids
-        identity = isinstance(enode, range) and enode.start == 0  # entry i is node i
-        external = batch.external_owners  # targets the parser already found external
-        batch.external_owners = array("i")
-        if external:
-            if self.detail:
-                raise ValueError(f"{batch.name}: a batch without its external targets "
-                                 "(parsed with local_domains) cannot give a detail graph")
-            self.seeds.extend(external if identity else map(enode.__getitem__, external))
-        del external
-        src = owners if identity else list(map(enode.__getitem__, owners))
-        tid = list(map(ids.get, targets))
-        missing = list(itertools.compress(range(len(tid)),
-                                          map(operator.is_, tid, itertools.repeat(None))))
-        if self.detail:
-            classify, get = self._classify, ids.get
-            for j in missing:
-                text = targets[j]
-                node = get(text)  # an earlier target of this batch may have interned it
-                tid[j] = node if node is not None else classify(text, text[text.rfind("@") + 1:])
-            keep = list(map(operator.ge, tid, itertools.repeat(0)))
-            self.esrc.extend(itertools.compress(src, keep))
-            self.edst.extend(itertools.compress(tid, keep))
-            self.eent.extend(itertools.compress(
-                map(operator.add, owners, itertools.repeat(offset)), keep))
-            return
-        # Map builds: an edge to a key or an already interned address is kept; a target that
-        # is a key nowhere is external (its owner is a BFS seed), a mailbox or a pipe/file
-        # (no edge), or a local address a wildcard may redirect (interned, edge kept).
-        keep = list(map(operator.is_not, tid, itertools.repeat(None)))
-        self.esrc.extend(itertools.compress(src, keep))
-        self.edst.extend(itertools.compress(tid, keep))
-        del keep
-        if not missing:
-            return
-        texts = list(map(targets.__getitem__, missing))
-        del targets
-        domains = list(map(itemgetter(2), map(str.rpartition, texts, itertools.repeat("@"))))
-        local = list(map(self.local.__contains__, domains))
-        covered = list(map(operator.and_, local, map(self.cover.__contains__, domains))) \
-            if self.cover else None
-        del domains
-        special = list(map(SPECIAL_START.__contains__, map(itemgetter(0), texts)))
-        external = map(operator.not_, map(operator.or_, local, special))
-        del local
-        self.seeds.extend(itertools.compress(map(src.__getitem__, missing), external))
-        todo = []
-        if covered is not None:
-            todo.extend(itertools.compress(zip(missing, texts), covered))
-        if any(special):
-            todo.extend((j, t) for j, t in itertools.compress(zip(missing, texts), special)
-                        if t[0] == "\\")
-        del texts, special, covered
-        get = ids.get
-        for j, text in todo:
-            node = get(text)
-            if node is None:
-                node = self._classify(text, text[text.rfind("@") + 1:])
-            if node == self.external:
-                self.seeds.append(src[j])
-            elif node >= 0:
-                self.esrc.append(src[j])
-                self.edst.append(node)
-
-    def _edges(self, u: int, targets: list, entry: int) -> None:
-        """Edges of one (wildcard) entry."""
-        for t in targets:
-            v = self.ids.get(t)
-            if v is None:
-                v = self._classify(t, t[t.rfind("@") + 1:])
-                if v < 0:
-                    continue
-            if v == self.external and not self.detail:
-                self.seeds.append(u)
-                continue
-            self.esrc.append(u)
-            self.edst.append(v)
-            if self.detail:
-                self.eent.append(entry)
-
-    def _coverage(self) -> None:
-        """Every local address that is not a key in a source with a wildcard for its
-        domain resolves through that wildcard (``lsearch*@``: exact key first)."""
-        cover = self.cover
-        if not cover:
-            return
-        names, kind, keyed = self.names, self.kind, self.keyed
-        domains = map(itemgetter(2), map(str.rpartition, names, itertools.repeat("@")))
-        covered = list(itertools.compress(range(len(names)), map(cover.__contains__, domains)))
-        self.covered = covered
-        for u in covered:
-            if kind[u] != LOCAL:
-                continue
-            name = names[u]
-            k = keyed[u]
-            for bit, node, entry in cover[name[name.rfind("@") + 1:]]:
-                if not k & bit:
-                    self.esrc.append(u)
-                    self.edst.append(node)
-                    if self.detail:
-                        self.eent.append(entry)
-
-    def _probes(self) -> dict[str, int]:
-        """Per covered domain, a node for "an address of it that is a key nowhere"."""
-        probes = {}
-        for domain, wildcards in self.cover.items():
-            probe = self._new(f"@{domain}", PROBE, intern=False)
-            probes[domain] = probe
-            for _bit, node, entry in wildcards:
-                self.esrc.append(probe)
-                self.edst.append(node)
-                if self.detail:
-                    self.eent.append(entry)
-        return probes
-
-
-def _qualified(targets: list, domain: str) -> list:
-    """Targets of a ``*`` entry for one domain: bare local parts get ``@domain``."""
-    out = []
-    for t in targets:
-        if t[0] == "\\":
-            out.append(t if "@" in t else f"{t}@{domain}")
-        elif t[0] in SPECIAL_START or "@" in t:
-            out.append(t)
-        else:
-            out.append(f"{t}@{domain}")
-    return out
-
-
-def _lists(n: int) -> list[list]:
-    return [[] for _ in range(n)]
-
-
-def writable(addresses: list[str], warn) -> list[str]:
-    """``addresses`` without those that cannot be written to the map (``#`` or white space
-    in them), each of which is reported to ``warn``."""
-    bad = unwritable(addresses, warn)
-    return [a for a in addresses if a not in bad] if bad else addresses
-
-
-def unwritable(addresses: Iterable[str], warn) -> set[str]:
-    """Those of ``addresses`` that cannot be written to the map, each reported to
-    ``warn`` (in sorted order)."""
-    addresses = list(addresses)
-    joined = "".join(addresses)
-    if not any(c in joined for c in _UNWRITABLE):  # (the usual case, at memchr speed)
-        return set()
-    bad = sorted({a for a in addresses if not _UNWRITABLE.isdisjoint(a)})
-    for address in bad:
-        warn(f"{address!r} forwards but cannot be written to the map ('#' or white space "
-             "in it)")
-    return set(bad)
-
-
-def over_match_warning(address: str, domain: str) -> str:
-    return (f"{address} does not forward, but the map's @{domain} entry matches it (a domain "
-            "wildcard forwards; the map has no exceptions)")
-
-
-def reach(n: int, esrc: Sequence[int], edst: Sequence[int], seeds: Iterable[int],
-          reached: bytearray | None = None) -> bytearray:
-    """Breadth-first search over the reverse of the edges ``esrc[e] -> edst[e]`` from
-    ``seeds`` (nodes known to reach an external address; repeats are fine), a level at a
-    time with C-level ``map`` calls; linear in nodes + edges, cycle-safe.  Returns a 0/1
-    mask of the ``n`` nodes: 1 for every node that reaches a seed.
-
-    ``reached``: a mask from an earlier search over other edges, continued (and updated in
-    place); every node it marks must be among the seeds or have no predecessor here."""
-    was_enabled = gc.isenabled()
-    gc.disable()  # hundreds of thousands of new lists: see GraphBuilder.build
-    try:
-        if reached is None:
-            reached = bytearray(n)
-        frontier = list(dict.fromkeys(seeds))
-        one = itertools.repeat(1)
-        collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
-        # An edge out of a node that is reached already can add nothing: leave those out
-        # (in map builds about half of all edges leave a node with an external target).
-        # Lists only for nodes that have predecessors.
-        live = list(map(operator.not_, map(reached.__getitem__, esrc)))
-        preds: collections.defaultdict = collections.defaultdict(list)
-        collections.deque(map(list.append,
-                              map(preds.__getitem__, itertools.compress(edst, live)),
-                              itertools.compress(esrc, live)), maxlen=0)
-        del live
-        get, none = preds.get, ()
-        while frontier:
-            found = list(itertools.chain.from_iterable(
-                map(get, frontier, itertools.repeat(none))))
-            new = itertools.compress(found, map(operator.not_, map(reached.__getitem__, found)))
-            frontier = list(dict.fromkeys(new))  # without duplicates, in order
-            collections.deque(map(reached.__setitem__, frontier, one), maxlen=0)
-        return reached
-    finally:
-        if was_enabled:
-            gc.enable()
+def reach(preds: list[list[int]], seeds) -> bytearray:
+    """Breadth-first search over the reverse edges (``preds[v]``: ``v`` and the nodes with an
+    edge to it) from ``seeds``, a level at a time in C-level set operations; linear.  The
+    0/1 mask of the nodes that reach a seed."""
+    seen = frontier = set(seeds)
+    while frontier:
+        frontier = set(chain.from_iterable(map(preds.__getitem__, frontier)))
+        frontier -= seen
+        seen |= frontier
+    reached = bytearray(len(preds))
+    collections.deque(map(reached.__setitem__, seen, repeat(1)), maxlen=0)
+    return reached
 
 
 class ForwardingGraph:
-    """The finished graph.  ``reached[node]`` is 1 when the node reaches an external address."""
+    """The graph of ``sources``; ``reached[node]`` is 1 when the node reaches an external
+    address.  An edge's entry is ``source << 32 | line``."""
 
-    def __init__(self, build: _Build, probes: dict[str, int]) -> None:
-        builder = build.b
-        self.local_domains = builder.local_domains
-        self.case_sensitive = builder.case_sensitive
-        self.detail = builder.detail
-        self._builder = builder
-        self.aliases = build.aliases
-        #: targets read from all sources (addresses, pipes, files, specials)
-        self.targets = build.targets
-        self._ids = build.ids
-        self._names = build.names
-        self._kind = build.kind
-        self._keyed = build.keyed
-        self._esrc, self._edst, self._eent = build.esrc, build.edst, build.eent
-        self._ent_src, self._ent_line = build.ent_src, build.ent_line
-        self._sources = build.sources
-        self._probes = probes
-        self._covered = build.covered
-        self._seeds = build.seeds
+    def __init__(self, sources: list[Source], local_domains, *, case_sensitive: bool = False,
+                 detail: bool = False, warn=None) -> None:
+        self.local_domains = frozenset(d.lower() for d in local_domains)
+        self.case_sensitive, self.detail = case_sensitive, detail
+        self.warn = warn if warn is not None else Warnings()
+        self.sources, self.aliases = len(sources), 0
+        self.targets = sum(s.count for s in sources)  #: targets read (ends too)
+        self._sources = [(s.name, "row " if s.rows else "") for s in sources]
+        self._names: list[str] = []
+        self._kind = bytearray()
+        #: per node ``v``: ``[v, u, ...]`` for each edge ``u -> v`` (detail graphs keep each
+        #: edge and its entry in ``_esrc``, ``_edst``, ``_eent`` too).  A name leads to its
+        #: node's list (``_ids``): a target's lookup gives what its edge is appended to.
+        self._preds: list[list[int]] = []
+        self._ids: dict[str, list[int]] = {}
+        self._esrc, self._edst, self._eent, self._seeds = [], [], [], []
+        self._cover: dict[str, list[tuple[int, int, int]]] = {}  # domain -> (source, W, entry)
+        self._probes: dict[str, int] = {}
+        #: the local nodes in a domain some wildcard covers, and those domains
+        self._covered, self._covered_domains = [], []
         self._forward: list[list[int]] | None = None
-        #: 1 for every node that reaches an external address
-        self.reached = self._reach()
-        self._entries: list[str] | None = None
+        self._build(sources)
 
-    @property
-    def warnings(self) -> list[str]:
-        return self._builder.warnings
+    def _new(self, names, kind: int, intern: bool = True) -> int:
+        """Nodes for ``names`` (or the names that are not nodes yet: when they are
+        ``_names``); returns the first one's (they are consecutive)."""
+        base = len(self._preds)
+        if names is not self._names:
+            self._names.extend(names)
+        n = len(self._names) - base
+        self._kind.extend(bytes([kind]) * n)
+        self._preds.extend([v] for v in range(base, base + n))
+        if intern:
+            self._ids.update(zip(self._names[base:], self._preds[base:], strict=False))
+        return base
 
-    @property
-    def warning_count(self) -> int:
-        return self._builder.warning_count
+    def _edges(self, srcs, dsts, entries) -> None:
+        """Edges ``srcs[k] -> dsts[k]`` (the nodes' lists), made by ``entries[k]``."""
+        if self.detail:
+            self._esrc.extend(srcs)
+            self._edst.extend(map(itemgetter(0), dsts))
+            self._eent.extend(entries)
+        else:
+            collections.deque(map(list.append, dsts, srcs), maxlen=0)
 
-    @property
-    def nodes(self) -> int:
-        return len(self._names)
+    def _build(self, sources: list[Source]) -> None:
+        keyed = [self._keys(source) for source in sources]
+        self._trash = self._preds[self._new([""], DEAD, False)]  # (targets no node needs)
+        self._key_end = len(self._names)  # (the nodes made so far are keys, or dead)
+        wild = [w for s, source in enumerate(sources) for w in self._wildcards(s, source)]
+        for s, (source, enode) in enumerate(zip(sources, keyed, strict=False)):
+            self._targets(s, source, enode)
+        for node, targets, entry in wild:
+            part = Source("", detail=self.detail)
+            part.add(0, targets, self.local_domains)
+            for addresses, _owners in part.chunks:
+                self._resolve(addresses, [node] * len(addresses), [entry] * len(addresses))
+            for text in part.end_targets:
+                self._edges((node,), (self._preds[self._new([text], END, False)],), (entry,))
+        self._coverage(keyed)
+        for domain, wildcards in self._cover.items():
+            probe = self._probes[domain] = self._new([f"@{domain}"], PROBE, False)
+            self._edges([probe] * len(wildcards), [self._preds[w] for _s, w, _e in wildcards],
+                        [e for _s, _w, e in wildcards])
+        if self.detail:
+            collections.deque(map(list.append, map(self._preds.__getitem__, self._edst),
+                                  self._esrc), maxlen=0)
+            self._seeds = compress(range(len(self._names)), map(
+                operator.eq, self._kind, repeat(EXTERNAL)))
+        self.reached = reach(self._preds, self._seeds)
+        self._seeds = []
 
-    @property
-    def edges(self) -> int:
-        return len(self._esrc)
+    def _keys(self, source: Source):
+        """Intern the exact keys of one source; returns the node of each entry."""
+        keys, ids = source.keys, self._ids
+        if not self._names:
+            self._names = keys  # (the first source's: no copy)
+        n, base = len(keys), self._new(keys, LOCAL, False)
+        enode, lists = range(base, base + n), self._preds[base:]
+        dead = list(compress(enode, map(operator.not_, keys)))
+        self.aliases += n - len(dead)
+        before = len(ids)
+        if source.first_wins and not (ids and any(map(ids.__contains__, keys))):
+            # (reversed: the first one wins)
+            ids.update(zip(reversed(keys), reversed(lists), strict=False))
+            ids.pop("", None)
+            if len(ids) - before == n - len(dead):  # (no key twice)
+                for u in dead:
+                    self._kind[u] = DEAD
+                return enode
+        enode, seen = list(enode), set()
+        for i, name in enumerate(keys):
+            if not name:
+                continue
+            u = ids.setdefault(name, lists[i])[0]
+            if source.first_wins and (name in seen or base <= u < base + i):
+                self.aliases -= 1
+                self.warn(f"{source.origin(i + 1)}: duplicate key {name!r} ignored (the first"
+                          " one wins)")
+                u = -1
+            seen.add(name)
+            if u != base + i:  # (a duplicate, or a key of an earlier source or row)
+                dead.append(base + i)
+                enode[i] = u if u >= 0 else base + i
+        for u in dead:
+            self._kind[u] = DEAD
+            self._names[u] = ""
+        return enode
 
-    @property
-    def sources(self) -> int:
-        return len(self._sources)
+    def _wildcards(self, s: int, source: Source) -> list[tuple[int, list, int]]:
+        """Wildcard nodes of one source and the coverage table; returns (node, targets,
+        entry) to link once the coverage is complete."""
+        wild: dict[str, list[tuple[int, list]]] = {}
+        for name, targets, line in source.wildcards:
+            if source.first_wins and name[2:] in wild:
+                self.warn(f"{source.origin(line)}: duplicate key {name!r} ignored (the first "
+                          "one wins)")
+                continue
+            self.aliases += 1
+            wild.setdefault(name[2:], []).append((s << 32 | line, targets))  # ("*": under "")
+        star = wild.pop("", ())
+        domains = [(d, f"*@{d}", rows) for d, rows in wild.items()]
+        domains.extend((d, "*", [(e, [t if "@" in t or t[0] in "|/:" else f"{t}@{d}"
+                                      for t in targets]) for e, targets in star])
+                       for d in (sorted(self.local_domains - wild.keys()) if star else ()))
+        out = []
+        for domain, name, rows in domains:
+            node = self._new([name], WILD, False)
+            out.extend((node, targets, e) for e, targets in rows)
+            self._cover.setdefault(domain, []).append((s, node, rows[0][0]))
+        return out
 
-    def _reach(self) -> bytearray:
-        """1 for every node that reaches an external address (see :func:`reach`)."""
-        n = len(self._names)
-        frontier = itertools.compress(
-            range(n), map(operator.eq, self._kind, itertools.repeat(EXTERNAL)))
-        return reach(n, self._esrc, self._edst, itertools.chain(frontier, self._seeds))
+    def _targets(self, s: int, source: Source, enode) -> None:
+        """Edges for all targets of one source (the first one's entry ``i`` is node ``i``)."""
+        same = enode == range(len(enode))
+        chunks, source.chunks = source.chunks[::-1], []  # (consumed: the most memory)
+        while chunks:
+            targets, entries = chunks.pop()
+            targets = targets.split(",") if isinstance(targets, str) and targets else targets or []
+            self._resolve(targets, entries if same else list(map(enode.__getitem__, entries)),
+                          list(map(operator.add, entries, repeat((s << 32) + 1)))
+                          if self.detail else ())
+        # (detail only)
+        for text, entry in zip(source.end_targets, source.end_owners, strict=False):
+            self._edges((enode[entry],), (self._preds[self._new([text], END, False)],),
+                        ((s << 32) + entry + 1,))
+
+    def _resolve(self, targets: list[str], owners: list[int], entries) -> None:
+        """Edges from ``owners`` to ``targets``, in bulk: a target that is a node already (a
+        key, mostly) is followed; any other is classified by its domain."""
+        tid = list(map(self._ids.get, targets))
+        missing = list(compress(range(len(tid)), map(operator.is_, tid, repeat(None))))
+        if missing:
+            texts = list(map(targets.__getitem__, missing))
+            domains = _DOMAINS("\n".join(texts))
+            local = list(map(self.local_domains.__contains__, domains))
+            if self.detail:  # (every target is a node: make them, then look them up)
+                self._new(dict.fromkeys(compress(texts, local)), LOCAL)
+                self._new(dict.fromkeys(compress(texts, map(operator.not_, local))), EXTERNAL)
+                tid = list(map(self._ids.get, targets))
+            else:
+                # an external one makes its owner a seed, a mailbox a wildcard covers is a node
+                owned = list(map(owners.__getitem__, missing))
+                self._seeds.extend(compress(owned, map(operator.not_, local)))
+                mask = list(map(operator.and_, local, map(self._cover.__contains__, domains)))
+                texts = list(compress(texts, mask))
+                if texts:
+                    self._new(dict.fromkeys(texts), LOCAL)
+                    self._edges(compress(owned, mask), map(self._ids.__getitem__, texts), ())
+                collections.deque(map(tid.__setitem__, missing, repeat(self._trash)), maxlen=0)
+        self._edges(owners, tid, entries)
+        del self._trash[1:]
+
+    def _coverage(self, keyed: list) -> None:
+        """Every local address that is not a key in a source with a wildcard for its
+        domain resolves through that wildcard (``lsearch*@``: exact key first)."""
+        if not self._cover:
+            return
+        def domains(names):
+            return map(itemgetter(2), map(str.rpartition, names, repeat("@")))
+        covered = list(compress(range(len(self._names)), map(self._cover.__contains__, domains(
+            self._names))))
+        self._covered = covered = list(compress(covered, map(  # (LOCAL is 0)
+            operator.not_, map(self._kind.__getitem__, covered))))
+        self._covered_domains = domains = list(domains(map(self._names.__getitem__, covered)))
+        for s in {s for wildcards in self._cover.values() for s, _w, _e in wildcards}:
+            wild = {d: (w, e) for d, rows in self._cover.items() for t, w, e in rows if t == s}
+            keys = keyed[s] if isinstance(keyed[s], range) else set(keyed[s])
+            mask = list(map(operator.and_, map(wild.__contains__, domains), map(
+                operator.not_, map(keys.__contains__, covered))))
+            pairs = list(map(wild.__getitem__, compress(domains, mask)))
+            self._edges(compress(covered, mask), map(self._preds.__getitem__, map(
+                itemgetter(0), pairs)), map(itemgetter(1), pairs))
 
     # --------------------------------------------------------------- output --
-    def _forwarding_names(self) -> Iterable[str]:
-        """Names of the local addresses that forward, in node (roughly file) order, which
-        makes the final sort cheaper than a random order would."""
-        # LOCAL is 0: a forwarding local node has reached 1 > kind 0
-        return itertools.compress(self._names, map(operator.gt, self.reached, self._kind))
-
     def entries(self) -> list[str]:
-        """Sorted map entries: lower-cased addresses and ``@domain`` lines (see module doc).
-
-        Addresses that cannot be written (``#`` or white space in them) are left out with a
-        warning; ``@domain`` over-matches are reported as warnings too.
-        """
-        if self._entries is not None:
-            return self._entries
-        names = self._forwarding_names()
-        if self.case_sensitive:
-            out = sorted(set(map(str.lower, names)))
-        else:
-            out = sorted(names)  # node names are unique and already lower-case
-        out = writable(out, self._builder.warn)
-        domains = [d for d, probe in self._probes.items() if self.reached[probe]]
+        """Sorted map entries: lower-cased addresses and ``@domain`` lines (see module doc);
+        warnings for addresses that cannot be written (``#`` or white space in them: left
+        out) and for ``@domain`` over-matches."""
+        # a local node that forwards: reached 1 > kind LOCAL 0
+        names = compress(self._names, map(operator.gt, self.reached, self._kind))
+        out = sorted(set(map(str.lower, names))) if self.case_sensitive else sorted(names)
+        joined = "".join(out)
+        if any(map(joined.__contains__, _UNWRITABLE)):  # (rare: only quoted keys have them)
+            for address in [a for a in out if not _UNWRITABLE.isdisjoint(a)]:
+                self.warn(f"{address!r} forwards but cannot be written to the map ('#' or "
+                          "white space in it)")
+                out.remove(address)
+        domains = {d for d, probe in self._probes.items() if self.reached[probe]}
         if domains:
-            self._over_match(set(domains))
-            out = sorted(out + [f"@{d}" for d in domains])
-        self._entries = out
+            for u, domain in zip(self._covered, self._covered_domains, strict=False):
+                if domain in domains and not self.reached[u]:
+                    self.warn(f"{self._names[u]} does not forward, but the map's @{domain} "
+                              "entry matches it (a domain wildcard forwards; the map has no "
+                              "exceptions)")
+            out.extend(f"@{d}" for d in domains)
+            out.sort()
         return out
 
     def map_data(self) -> MapData:
         entries = self.entries()  # (may add warnings)
-        return MapData(map_body(entries), len(entries), self.aliases, self.targets,
-                       self.sources, tuple(self.warnings), self.warning_count)
-
-    def _over_match(self, domains: set[str]) -> None:
-        names, kind, reached = self._names, self._kind, self.reached
-        for v in self._covered:
-            if kind[v] == LOCAL and not reached[v]:
-                name = names[v]
-                domain = name[name.rfind("@") + 1:]
-                if domain in domains:
-                    self._builder.warn(over_match_warning(name, domain))
+        return MapData("\n".join(entries) + "\n" if entries else "", len(entries),
+                       self.aliases, self.targets, self.sources, tuple(self.warn.first),
+                       self.warn.count)
 
     def is_forwarding(self, address: str) -> bool:
-        """Whether a normalised address (see :meth:`normalize`) is a forwarding address."""
+        """Whether a normalised address (addresses.normalize) is a forwarding address."""
         node = self._ids.get(address)
-        if node is not None and self._kind[node] == LOCAL:
-            return bool(self.reached[node])
+        if node is not None:
+            return self._kind[node[0]] == LOCAL and bool(self.reached[node[0]])
         probe = self._probes.get(address[address.rfind("@") + 1:])
-        return node is None and probe is not None and bool(self.reached[probe])
+        return probe is not None and bool(self.reached[probe])
 
     # -------------------------------------------------------------- explain --
     def _origin(self, entry: int) -> str:
-        name, prefix = self._sources[self._ent_src[entry]]
-        return f"{name}:{prefix}{self._ent_line[entry]}"
+        name, prefix = self._sources[entry >> 32]
+        return f"{name}:{prefix}{entry & 0xFFFFFFFF}"
 
     def _out(self) -> list[list[int]]:
         """Forward adjacency: per node, the indices of its edges (built on first use)."""
         if self._forward is None:
-            out = _lists(len(self._names))
-            collections.deque(map(list.append, map(out.__getitem__, self._esrc),
+            self._forward = [[] for _ in self._names]
+            collections.deque(map(list.append, map(self._forward.__getitem__, self._esrc),
                                   range(len(self._esrc))), maxlen=0)
-            self._forward = out
         return self._forward
-
-    def normalize(self, address: str) -> str:
-        """A user-typed address -> the node name form; raises ValueError."""
-        local, domain = parse_address(address.strip())
-        if domain is None:
-            raise ValueError("no domain")
-        domain = domain.lower()
-        return f"{local if self.case_sensitive else local.lower()}@{domain}"
 
     def explain(self, address: str) -> Explanation:
         """Chains from ``address`` to each external target it reaches (shortest first, one
-        per target), or why it does not forward.  Needs a ``detail=True`` graph."""
+        per target), or why it does not forward.  Needs a ``detail`` graph."""
         if not self.detail:
             raise RuntimeError("explain needs a graph built with detail=True")
         try:
-            addr = self.normalize(address)
+            local, domain = parse_address(address.strip())
+            if domain is None:
+                raise ValueError("no domain")
         except ValueError as exc:
             return Explanation(address, False, (), f"not an address: {exc}")
+        addr = normalize(local, domain, self.case_sensitive)
         domain = addr[addr.rfind("@") + 1:]
         if domain not in self.local_domains:
             return Explanation(addr, False, (), f"{domain} is not a local domain: "
                                "mail to it leaves this server without any alias lookup")
-        start = self._ids.get(addr)
-        if start is None or self._kind[start] != LOCAL:
-            start = self._probes.get(domain)
-            if start is None:
+        start = self._ids.get(addr, [-1])[0]
+        if start < 0 or self._kind[start] != LOCAL:
+            start = self._probes.get(domain, -1)
+            if start < 0:
                 return Explanation(addr, False, (), "local mailbox: not a key in any source"
                                    " and no wildcard covers its domain")
-        out = self._out()
-        edst, kind = self._edst, self._kind
-        # breadth-first search with parent edges: shortest chain per reached node
-        parent = {start: -1}
+        out, edst = self._out(), self._edst
+        parent = {start: -1}  # breadth-first: the shortest chain to each node
         order = [start]
         for u in order:
             for e in out[u]:
-                v = edst[e]
-                if v not in parent:
-                    parent[v] = e
-                    order.append(v)
-        externals = [v for v in order if kind[v] == EXTERNAL]
-        if externals:
-            chains = tuple(self._chain(addr, start, v, parent) for v in externals)
-            n = len(externals)
-            return Explanation(addr, True, chains,
-                               f"forwards to {n} external address{'es' if n > 1 else ''}")
-        return Explanation(addr, False, (), self._why_not(addr, start, order, parent))
-
-    def _display(self, node: int, query: str, start: int) -> str:
-        return query if node == start else self._names[node]
+                if edst[e] not in parent:
+                    parent[edst[e]] = e
+                    order.append(edst[e])
+        externals = [v for v in order if self._kind[v] == EXTERNAL]
+        if not externals:
+            return Explanation(addr, False, (), self._why_not(addr, start, order, parent))
+        n = len(externals)
+        return Explanation(addr, True, tuple(self._chain(addr, start, v, parent)
+                                             for v in externals),
+                           f"forwards to {n} external address{'es' if n > 1 else ''}")
 
     def _chain(self, query: str, start: int, target: int,
                parent: dict[int, int]) -> tuple[Hop, ...]:
-        path_edges = []
-        node = target
-        while node != start:
-            e = parent[node]
-            path_edges.append(e)
-            node = self._esrc[e]
-        path_edges.reverse()
+        edges = []
+        while target != start:
+            edges.append(parent[target])
+            target = self._esrc[parent[target]]
         hops: list[Hop] = []
-        current = query
-        key = query
-        for e in path_edges:
+        current = key = query
+        for e in reversed(edges):
             v = self._edst[e]
             if self._kind[v] == WILD:
                 key = self._names[v]
                 continue  # a wildcard is a lookup step, not an address of the chain
             hops.append(Hop(current, self._origin(self._eent[e]), key))
-            current = self._names[v]
-            key = current
+            current = key = self._names[v]
         hops.append(Hop(current, None, None))
         return tuple(hops)
 
     def _why_not(self, addr: str, start: int, order: list[int],
                  parent: dict[int, int]) -> str:
-        out = self._out()
-        kind, names, keyed = self._kind, self._names, self._keyed
+        out, kind, names = self._out(), self._kind, self._names
         reasons = []
-        if self._kind[start] == LOCAL and not out[start]:
-            if keyed[start]:
-                reasons.append("its entry has no targets (the router declines: local delivery)")
-            else:
-                reasons.append("local mailbox: not a key in any source")
+        if kind[start] == LOCAL and not out[start]:
+            reasons.append("its entry has no targets (the router declines: local delivery)"
+                           if start < self._key_end else "local mailbox: not a key in any source")
         else:
-            cycle = self._find_cycle(start, order)
+            cycle = self._cycle(start)
             if cycle:
                 shown = " -> ".join(addr if n == start else names[n] for n in cycle)
                 reasons.append(f"cycle without exit: {shown} (Exim delivers an address that"
                                " loops back locally)")
-            ends = []
-            for v in order:
-                if kind[v] == END:
-                    ends.append(f"{names[v]} ({self._origin(self._eent[parent[v]])})")
-                elif kind[v] == LOCAL and not out[v] and v != start:
-                    ends.append(f"mailbox {names[v]}")
+            ends = [f"{names[v]} ({self._origin(self._eent[parent[v]])})" if kind[v] == END
+                    else f"mailbox {names[v]}" for v in order
+                    if kind[v] == END or (kind[v] == LOCAL and not out[v] and v != start)]
             if ends:
                 reasons.append("only local ends: " + ", ".join(ends[:10])
                                + (f" and {len(ends) - 10} more" if len(ends) > 10 else ""))
         domain = addr[addr.rfind("@") + 1:]
-        probe = self._probes.get(domain)
-        if probe is not None and self.reached[probe]:
-            reasons.append(f"note: the map's @{domain} entry matches it anyway (a wildcard"
-                           " of that domain forwards)")
+        if domain in self._probes and self.reached[self._probes[domain]]:
+            reasons.append(f"note: the map's @{domain} entry matches it anyway (a wildcard "
+                           "of that domain forwards)")
         return "; ".join(reasons) or "no external target"
 
-    def _find_cycle(self, start: int, order: list[int]) -> list[int] | None:
-        """A cycle among the reachable nodes (iterative DFS), as a node list a..a."""
-        out = self._out()
-        edst = self._edst
-        reachable = set(order)
-        colour: dict[int, int] = {}  # 1 = on the stack, 2 = done
-        for root in order:
-            if root in colour:
+    def _cycle(self, start: int) -> list[int] | None:
+        """A cycle reachable from ``start`` (iterative DFS), as a node list a..a."""
+        out, edst = self._out(), self._edst
+        colour = {start: 1}  # 1 = on the stack, 2 = done
+        stack = [(start, 0)]
+        while stack:
+            u, i = stack[-1]
+            if i == len(out[u]):
+                colour[u] = 2
+                stack.pop()
                 continue
-            stack = [(root, 0)]
-            colour[root] = 1
-            while stack:
-                u, i = stack[-1]
-                if i == len(out[u]):
-                    colour[u] = 2
-                    stack.pop()
-                    continue
-                stack[-1] = (u, i + 1)
-                v = edst[out[u][i]]
-                if v not in reachable:
-                    continue
-                c = colour.get(v)
-                if c == 1:
-                    path = [n for n, _ in stack]
-                    return path[path.index(v):] + [v]
-                if c is None:
-                    colour[v] = 1
-                    stack.append((v, 0))
+            stack[-1] = (u, i + 1)
+            v = edst[out[u][i]]
+            if colour.get(v) == 1:
+                path = [n for n, _ in stack]
+                return path[path.index(v):] + [v]
+            if v not in colour:
+                colour[v] = 1
+                stack.append((v, 0))
         return None

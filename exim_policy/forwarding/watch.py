@@ -32,7 +32,7 @@ class MapWatcher:
     """
 
     #: counts failed reloads (None: metrics off); set by Metrics.instrument
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None
 
     def __init__(self, path: str, interval: float) -> None:
         self.path = path

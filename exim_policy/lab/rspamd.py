@@ -45,7 +45,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..forwarding.writer import atomic_write
+from ..forwarding.mapfile import atomic_write
 from .contrib import read_contrib, substitute_setting
 from .errors import LabError, LabUnavailable
 from .ports import LOOPBACK, free_port
@@ -231,7 +231,8 @@ class RspamdLab:
                 "  timeout = 0.5s;\n"
                 "  retransmits = 1;\n"
                 "}\n"
-                "# XJS*..GTUBE.. = reject; YJS* = add header; ZJS* = rewrite subject; AJS* = no action\n"
+                "# XJS*..GTUBE.. = reject; YJS* = add header; ZJS* = rewrite subject;\n"
+                "# AJS* = no action\n"
                 "enable_test_patterns = true;\n"
                 "# shared, persistent hyperscan cache: warm start ~0.5 s instead of ~9 s\n"
                 f'hs_cache_dir = "{self.hs_cache_dir}/";\n'),
@@ -245,7 +246,8 @@ class RspamdLab:
     def _prepare(self) -> None:
         """(Re)write etc/ and the maps; create the writable dirs for _rspamd."""
         if not self.source_confdir.is_dir():
-            raise LabUnavailable(f"{self.source_confdir} missing: install the Debian package 'rspamd'")
+            raise LabUnavailable(f"{self.source_confdir} missing: install the Debian package "
+                                 "'rspamd'")
         if self.etc_dir.exists():
             shutil.rmtree(self.etc_dir)
         self.root.mkdir(parents=True, exist_ok=True)
