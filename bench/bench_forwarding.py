@@ -101,10 +101,12 @@ def make_config(shape: str, aliases: int, edges: int, seed: int, workdir: Path,
     # the same second it is read, in real life)
     os.sync()
     config = workdir / f"config-{shape}-{aliases}.toml"
+    map_file = workdir / f"map-{shape}-{aliases}.txt"
+    map_file.unlink(missing_ok=True)  # (each build writes a new map)
     text = f"""\
 [forwarding]
 local_domains_file = "{alias_file}.domains"
-map = "{workdir}/map-{shape}-{aliases}.txt"
+map = "{map_file}"
 """
     for source in sources:
         text += f"""

@@ -121,7 +121,8 @@ def test_scenarios(tmp_path, text, expected):
      + "".join(f"u{i}@x.test: v{i}@x.test\n" for i in range(50)) + "a@x.test: m@x.test\n"),
     ("key outside the local domains", "a@other.example: out@gmail.example\n"),
     ("bare local part", "a@x.test: b\nb@x.test: out@gmail.example\n"),
-    ("non-ASCII", "\u00e4@x.test: out@gmail.example, J\u00f6rg@x.test\nj\u00f6rg@x.test: x@y.test\n"),
+    ("non-ASCII", "\u00e4@x.test: out@gmail.example, J\u00f6rg@x.test\n"
+     "j\u00f6rg@x.test: x@y.test, a\u00a0b@y.test\n"),
     ("catch-all star", "*: catch@gmail.example\n"),
     ("duplicate wildcard", "*@x.test: a@gmail.example\n*@x.test: b@gmail.example\n"),
     ("wildcard of another domain", "*@other.example: a@gmail.example\n"),

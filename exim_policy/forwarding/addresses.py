@@ -141,8 +141,7 @@ def key(raw: str, domain: str, case_sensitive: bool, quoted: bool = False) -> st
 
 
 def ignored(origin: str, raw: str, domain: str, name: str | None = None) -> str:
-    """The warning for a key Exim never looks up: :func:`key` gave None, or ``name``, in a
-    domain that is not local."""
+    """The warning for a key Exim never looks up (``name``: one in a domain not local)."""
     why = (f"{name[name.rfind('@') + 1:]} is not a local domain" if name else
            f"a full address in a source with domain = {domain!r} (Exim looks up bare local "
            "parts there)" if domain else

@@ -45,10 +45,9 @@ class CheckResult:
 
 
 def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
-    """``local_domains`` plus the domains in ``local_domains_file``, read like an Exim
-    domain-list file: one domain per line, ``#`` comments and blank lines ignored, a trailing
-    ``: data`` allowed; patterns (``*.example``, ``^regex``, ``@``, ``!negated``,
-    ``lookup;...``) cannot be enumerated and are skipped with a warning."""
+    """``local_domains`` plus those of ``local_domains_file``, an Exim domain-list file: a
+    domain per line (``#`` comments, blank lines, a trailing ``: data`` allowed); patterns
+    (``*.example``, ``^regex``, ``@``, ``!negated``, ``lookup;...``) are skipped, warned."""
     domains = set()
     for i, domain in enumerate(config.local_domains):
         domain = domain.strip().lower()
@@ -59,9 +58,7 @@ def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
     if path:
         for lineno, line in enumerate(read_text(path).splitlines(), 1):
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            item = line.split(None, 1)[0].split(":", 1)[0].lower()
+            item = line.split(None, 1)[0].split(":", 1)[0].lower() if line[:1] not in "#" else ""
             if not item:
                 continue
             if item[0] in "*^@!" or ";" in line:

@@ -33,18 +33,15 @@ from __future__ import annotations
 import collections
 import functools
 import operator
-import re
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
 from operator import itemgetter
 
 from .addresses import ForwardingSourceError, ignored, key, normalize, parse_address
+from .mapfile import map_body
 from .redirect import END_START
 
 LOCAL, EXTERNAL, END, WILD, PROBE, DEAD = range(6)  # (LOCAL must be 0: see entries())
-#: the domain of each address of those joined by newlines (after the last "@": a quoted
-#: local part may have one)
-_DOMAINS = re.compile(r"@([^@\n]*)$", re.MULTILINE).findall
 #: characters that cannot be written to the map (Rspamd and the shim read ``#`` as a comment
 #: and only the first token of a line)
 _UNWRITABLE = frozenset("# \t\r\n\v\f")
@@ -63,10 +60,8 @@ class Source:
         self.name, self.detail, self.first_wins, self.rows = name, detail, first_wins, rows
         self.keys: list[str] = []
         self.chunks: list[tuple[str | list[str], list[int]]] = []
-        self.end_targets: list[str] = []
-        self.end_owners: list[int] = []
+        self.end_targets, self.end_owners, self.count = [], [], 0
         self.wildcards: list[tuple[str, list[str], int]] = []
-        self.count = 0
 
     def origin(self, line: int) -> str:
         return f"{self.name}:{'row ' if self.rows else ''}{line}"
@@ -85,7 +80,7 @@ class Source:
         if name is None or (key_domain is not None and key_domain not in local):
             if warn is not None:
                 warn(ignored(origin, raw, domain, name))
-            self.count += len(targets)
+            self.count += len(targets)  # (read, but never looked up)
         elif name[0] == "*":
             self.count += len(targets)
             self.wildcards.append((name, targets, entry + 1))
@@ -111,12 +106,20 @@ class Source:
             owners.append(entry)
 
 
+class _Names(dict):
+    """Name -> its node's list.  A name that is no node is noted in ``missing`` and gets the
+    list of ``trash``, a dead node (so what is appended to that follows ``missing``)."""
+
+    def __missing__(self, name: str) -> list[int]:
+        self.missing.append(name)
+        return self.trash
+
+
 class Warnings:
     """Collects warnings: the first ``limit`` of them, and how many there were."""
 
     def __init__(self, limit: int = 1000) -> None:
-        self.first: list[str] = []
-        self.count, self.limit = 0, limit
+        self.first, self.count, self.limit = [], 0, limit
 
     def __call__(self, message: str) -> None:
         self.count += 1
@@ -159,6 +162,11 @@ class MapData:
         return self.body.split("\n")[:-1]
 
 
+def _domains(addresses):
+    """The domain of each address (after the last "@": a quoted local part may have one)."""
+    return map(itemgetter(2), map(str.rpartition, addresses, repeat("@")))
+
+
 def reach(preds: list[list[int]], seeds) -> bytearray:
     """Breadth-first search over the reverse edges (``preds[v]``: ``v`` and the nodes with an
     edge to it) from ``seeds``, a level at a time in C-level set operations; linear.  The
@@ -191,10 +199,12 @@ class ForwardingGraph:
         #: edge and its entry in ``_esrc``, ``_edst``, ``_eent`` too).  A name leads to its
         #: node's list (``_ids``): a target's lookup gives what its edge is appended to.
         self._preds: list[list[int]] = []
-        self._ids: dict[str, list[int]] = {}
+        self._ids = _Names()
+        self._ids.missing = []
         self._esrc, self._edst, self._eent, self._seeds = [], [], [], []
         self._cover: dict[str, list[tuple[int, int, int]]] = {}  # domain -> (source, W, entry)
         self._probes: dict[str, int] = {}
+        self._mailboxes: list[str] = []  # (map builds: mailboxes a wildcard covers)
         #: the local nodes in a domain some wildcard covers, and those domains
         self._covered, self._covered_domains = [], []
         self._forward: list[list[int]] | None = None
@@ -208,7 +218,7 @@ class ForwardingGraph:
             self._names.extend(names)
         n = len(self._names) - base
         self._kind.extend(bytes([kind]) * n)
-        self._preds.extend([v] for v in range(base, base + n))
+        self._preds += [[v] for v in range(base, base + n)]
         if intern:
             self._ids.update(zip(self._names[base:], self._preds[base:], strict=False))
         return base
@@ -224,9 +234,13 @@ class ForwardingGraph:
 
     def _build(self, sources: list[Source]) -> None:
         keyed = [self._keys(source) for source in sources]
-        self._trash = self._preds[self._new([""], DEAD, False)]  # (targets no node needs)
+        self._ids.trash = self._preds[self._new([""], DEAD, False)]
         self._key_end = len(self._names)  # (the nodes made so far are keys, or dead)
         wild = [w for s, source in enumerate(sources) for w in self._wildcards(s, source)]
+        for domain, wildcards in self._cover.items():
+            probe = self._probes[domain] = self._new([f"@{domain}"], PROBE, False)
+            self._edges([probe] * len(wildcards), [self._preds[w] for _s, w, _e in wildcards],
+                        [e for _s, _w, e in wildcards])
         for s, (source, enode) in enumerate(zip(sources, keyed, strict=False)):
             self._targets(s, source, enode)
         for node, targets, entry in wild:
@@ -237,10 +251,6 @@ class ForwardingGraph:
             for text in part.end_targets:
                 self._edges((node,), (self._preds[self._new([text], END, False)],), (entry,))
         self._coverage(keyed)
-        for domain, wildcards in self._cover.items():
-            probe = self._probes[domain] = self._new([f"@{domain}"], PROBE, False)
-            self._edges([probe] * len(wildcards), [self._preds[w] for _s, w, _e in wildcards],
-                        [e for _s, _w, e in wildcards])
         if self.detail:
             collections.deque(map(list.append, map(self._preds.__getitem__, self._edst),
                                   self._esrc), maxlen=0)
@@ -327,41 +337,40 @@ class ForwardingGraph:
     def _resolve(self, targets: list[str], owners: list[int], entries) -> None:
         """Edges from ``owners`` to ``targets``, in bulk: a target that is a node already (a
         key, mostly) is followed; any other is classified by its domain."""
-        tid = list(map(self._ids.get, targets))
-        missing = list(compress(range(len(tid)), map(operator.is_, tid, repeat(None))))
-        if missing:
-            texts = list(map(targets.__getitem__, missing))
-            domains = _DOMAINS("\n".join(texts))
-            local = list(map(self.local_domains.__contains__, domains))
-            if self.detail:  # (every target is a node: make them, then look them up)
-                self._new(dict.fromkeys(compress(texts, local)), LOCAL)
-                self._new(dict.fromkeys(compress(texts, map(operator.not_, local))), EXTERNAL)
-                tid = list(map(self._ids.get, targets))
-            else:
-                # an external one makes its owner a seed, a mailbox a wildcard covers is a node
-                owned = list(map(owners.__getitem__, missing))
-                self._seeds.extend(compress(owned, map(operator.not_, local)))
-                mask = list(map(operator.and_, local, map(self._cover.__contains__, domains)))
-                texts = list(compress(texts, mask))
-                if texts:
-                    self._new(dict.fromkeys(texts), LOCAL)
-                    self._edges(compress(owned, mask), map(self._ids.__getitem__, texts), ())
-                collections.deque(map(tid.__setitem__, missing, repeat(self._trash)), maxlen=0)
-        self._edges(owners, tid, entries)
-        del self._trash[1:]
+        ids = self._ids
+        if self.detail:  # (every target is a node: make the new ones, then link them all)
+            texts = list(compress(targets, map(operator.not_, map(ids.__contains__, targets))))
+            local = list(map(self.local_domains.__contains__, _domains(texts)))
+            self._new(dict.fromkeys(compress(texts, local)), LOCAL)
+            self._new(dict.fromkeys(compress(texts, map(operator.not_, local))), EXTERNAL)
+            return self._edges(owners, map(ids.__getitem__, targets), entries)
+        collections.deque(map(list.append, map(ids.__getitem__, targets), owners), maxlen=0)
+        if not ids.missing:
+            return
+        # an external one makes its owner a seed; a mailbox a wildcard covers resolves as
+        # any address of its domain that is a key nowhere: to the domain's probe
+        texts, owned, ids.missing = ids.missing, ids.trash[1:], []
+        del ids.trash[1:]
+        domains = list(_domains(texts))
+        local = list(map(self.local_domains.__contains__, domains))
+        self._seeds.extend(compress(owned, map(operator.not_, local)))
+        mask = list(map(operator.and_, local, map(self._probes.__contains__, domains)))
+        if any(mask):
+            self._mailboxes.append("\n".join(compress(texts, mask)))
+            self._edges(compress(owned, mask), map(self._preds.__getitem__, map(
+                self._probes.__getitem__, compress(domains, mask))), ())
 
     def _coverage(self, keyed: list) -> None:
         """Every local address that is not a key in a source with a wildcard for its
         domain resolves through that wildcard (``lsearch*@``: exact key first)."""
         if not self._cover:
             return
-        def domains(names):
-            return map(itemgetter(2), map(str.rpartition, names, repeat("@")))
-        covered = list(compress(range(len(self._names)), map(self._cover.__contains__, domains(
+        covered = list(compress(range(len(self._names)), map(self._cover.__contains__, _domains(
             self._names))))
         self._covered = covered = list(compress(covered, map(  # (LOCAL is 0)
             operator.not_, map(self._kind.__getitem__, covered))))
-        self._covered_domains = domains = list(domains(map(self._names.__getitem__, covered)))
+        self._covered_domains = domains = list(map({d: d for d in self._cover}.__getitem__,
+                                                   _domains(map(self._names.__getitem__, covered))))
         for s in {s for wildcards in self._cover.values() for s, _w, _e in wildcards}:
             wild = {d: (w, e) for d, rows in self._cover.items() for t, w, e in rows if t == s}
             keys = keyed[s] if isinstance(keyed[s], range) else set(keyed[s])
@@ -376,16 +385,20 @@ class ForwardingGraph:
         """Sorted map entries: lower-cased addresses and ``@domain`` lines (see module doc);
         warnings for addresses that cannot be written (``#`` or white space in them: left
         out) and for ``@domain`` over-matches."""
-        # a local node that forwards: reached 1 > kind LOCAL 0
+        # a local node that forwards (reached 1 > kind LOCAL 0), or a mailbox whose probe does
+        domains = {d for d, probe in self._probes.items() if self.reached[probe]}
         names = compress(self._names, map(operator.gt, self.reached, self._kind))
-        out = sorted(set(map(str.lower, names))) if self.case_sensitive else sorted(names)
+        mailboxes: set[str] = set()
+        for chunk in map(str.split, self._mailboxes if domains else (), repeat("\n")):
+            mailboxes.update(compress(chunk, map(domains.__contains__, _domains(chunk))))
+        names = chain(names, mailboxes)
+        out = sorted(set(map(str.lower, names)) if self.case_sensitive else names)
         joined = "".join(out)
         if any(map(joined.__contains__, _UNWRITABLE)):  # (rare: only quoted keys have them)
             for address in [a for a in out if not _UNWRITABLE.isdisjoint(a)]:
                 self.warn(f"{address!r} forwards but cannot be written to the map ('#' or "
                           "white space in it)")
                 out.remove(address)
-        domains = {d for d, probe in self._probes.items() if self.reached[probe]}
         if domains:
             for u, domain in zip(self._covered, self._covered_domains, strict=False):
                 if domain in domains and not self.reached[u]:
@@ -398,9 +411,8 @@ class ForwardingGraph:
 
     def map_data(self) -> MapData:
         entries = self.entries()  # (may add warnings)
-        return MapData("\n".join(entries) + "\n" if entries else "", len(entries),
-                       self.aliases, self.targets, self.sources, tuple(self.warn.first),
-                       self.warn.count)
+        return MapData(map_body(entries), len(entries), self.aliases, self.targets,
+                       self.sources, tuple(self.warn.first), self.warn.count)
 
     def is_forwarding(self, address: str) -> bool:
         """Whether a normalised address (addresses.normalize) is a forwarding address."""

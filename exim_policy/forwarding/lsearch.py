@@ -63,13 +63,11 @@ class _Reader:
         self.src, self.path, self.local, self.domain = src, src.name, local, domain
         self.case_sensitive, self.detail, self.warn = case_sensitive, src.detail, warn
         self.parser = RedirectParser(case_sensitive)
-        self.first = 0  # the piece's first line (0-based)
-        self.general: dict[int, int] = {}  # entries for redirect.py: key line -> last line
 
     def run(self, raw: bytes) -> None:
         """Read the next piece of the file (it starts at an entry)."""
-        self.first = len(self.src.keys)
-        self.general = {}
+        self.first = len(self.src.keys)  # (its first line, 0-based)
+        self.general: dict[int, int] = {}  # entries for redirect.py: key line -> last line
         if b"\r" in raw:
             raw = raw.replace(b"\r\n", b"\n")
         # a plain key line has one colon and nothing else of what _PLAIN leaves (white space
@@ -234,7 +232,7 @@ class _Reader:
         targets, owners = list(compress(targets, keep)), list(compress(owners, keep))
         suffixes = repeat("@" + self.domain) if self.domain else \
             [k[k.rfind("@"):] for k in map(src.keys.__getitem__, owners)]
-        src.chunks.append((list(map(operator.add, targets, suffixes)), owners))
+        src.chunks.append((",".join(map(operator.add, targets, suffixes)), owners))
         return True
 
     def _entry(self, i: int, line: str, more: list[str]) -> None:

@@ -92,7 +92,7 @@ def has_entry(path: str, address: str) -> bool:
 
 # ------------------------------------------------------------------- writing --
 def map_body(entries: list[str]) -> str:
-    return "".join(f"{e}\n" for e in entries)
+    return "\n".join(entries) + "\n" if entries else ""
 
 
 def lsearch_body(entries: list[str]) -> str:
@@ -115,18 +115,14 @@ def _text(path: str) -> str | None:
 
 def is_current(path: str, body: str) -> bool:
     """True when the file exists and, its leading ``#`` header lines aside, is ``body``."""
-    text = _text(path)
-    pos = 0
+    text, pos = _text(path), 0
     while text is not None and text.startswith("#", pos):
-        pos = text.find("\n", pos) + 1
-        if not pos:
-            return body == ""
+        pos = text.find("\n", pos) + 1 or len(text)
     return text is not None and text[pos:] == body
 
 
 def read_entries(path: str, lsearch: bool = False) -> list[str] | None:
-    """The sorted entries in the map (or lsearch output) at ``path``; None when it does not
-    exist."""
+    """The sorted entries in the map (or lsearch output) at ``path``; None: no such file."""
     text = _text(path)
     if text is None or not lsearch:
         return None if text is None else ForwardingMap.parse(text).entries()

@@ -19,10 +19,9 @@ checked against ``exim -bt`` (tests/test_forwarding_exim.py):
 - Anything else is an address (``Name <addr>``, comments and quoted local parts understood);
   a bare local part gets the domain of the address redirected (``qualify_preserve_domain``).
 
-Targets are ``local@domain`` (see addresses.py), a bare local part (only without a domain to
-qualify it: the ``*`` key's, which the graph qualifies per domain), or a *local end*, known
-by its first character: ``:blackhole:``, ``:defer: text``, ``:fail: text``, ``|command``,
-``/file``, ``\\address``.
+Targets are ``local@domain`` (see addresses.py), a bare local part (only the ``*`` key's:
+the graph qualifies them per domain), or a *local end*, known by its first character:
+``:blackhole:``, ``:defer: text``, ``:fail: text``, ``|command``, ``/file``, ``\\address``.
 """
 from __future__ import annotations
 
@@ -42,8 +41,8 @@ _SEPARATORS = re.compile(r"[ \t\n\r\v\f,]*").match
 def _item_end(text: str, i: int) -> int:
     """Where the item at ``text[i]`` ends: at a comma or newline that no quotes, comment,
     route-addr or source route encloses (Exim's parse_find_address_end)."""
-    routing = text[i] == "@"
-    no_term, n = int(routing), len(text)
+    routing, n = text[i] == "@", len(text)
+    no_term = int(routing)
     while i < n:
         m = _STOP(text, i)
         if m is None:
@@ -87,8 +86,7 @@ class RedirectParser:
         self._active: list[str] = []  # the include files being read (loop detection)
 
     def parse(self, text: str, domain: str | None, origin: str) -> list[str]:
-        """The targets of ``text``; ``domain`` qualifies bare local parts (None: they stay
-        bare).  Errors name ``origin``."""
+        """The targets of ``text``; ``domain`` (None: none) qualifies bare local parts."""
         return self._list(text, domain, origin)[0]
 
     def _list(self, text: str, domain: str | None, origin: str
@@ -134,29 +132,22 @@ class RedirectParser:
                 out.append(target)
 
     def _target(self, item: str, quoted: bool, domain: str | None, origin: str) -> str | None:
-        """One item that is no special: an address, pipe, file or ``\\address`` (None: an
-        item that is only comments)."""
-        prefix = ""
-        if item[0] == "\\":
-            prefix, item = "\\", item[1:]
-        elif item[0] in "|/":
-            try:
-                local, dom = parse_address(item)
-            except ValueError:
-                dom = None
-            if dom is None:  # (Exim: a pipe or file unless it is an address with a domain)
-                return ESCAPED.sub(r"\1", item) if quoted else item
-            return normalize(local, dom, self.case_sensitive)
-        elif item[0] == ":":
+        """An address, pipe, file or ``\\address`` (None: only comments)."""
+        if item[0] == ":":
             raise ForwardingSourceError(origin, f"unknown special item {item!r}")
+        prefix = "\\" if item[0] == "\\" else ""
+        end = item[0] in "|/"  # (Exim: a pipe or file unless it is an address with a domain)
         try:
-            local, dom = parse_address(item)
+            local, dom = parse_address(item[len(prefix):])
         except ValueError as exc:
+            if end:
+                return ESCAPED.sub(r"\1", item) if quoted else item
             if str(exc) == "empty address" and not prefix:
                 return None
-            raise ForwardingSourceError(origin, f"bad address {prefix + item!r}: {exc}") \
-                from None
+            raise ForwardingSourceError(origin, f"bad address {item!r}: {exc}") from None
         if dom is None:
+            if end:
+                return ESCAPED.sub(r"\1", item) if quoted else item
             if domain is None:
                 return prefix + (local if self.case_sensitive else local.lower())
             dom = domain

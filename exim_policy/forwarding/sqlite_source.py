@@ -30,16 +30,12 @@ def read(path: str, query: str, local: frozenset[str], *, domain: str = "",
             cursor = conn.execute(query)
         except sqlite3.Error as exc:
             raise ForwardingSourceError(path, f"query failed: {exc}") from None
-        while True:
-            try:
-                rows = cursor.fetchmany(10000)
-            except sqlite3.Error as exc:
-                raise ForwardingSourceError(f"{path}:row {len(src.keys) + 1}",
-                                            f"query failed: {exc}") from None
-            if not rows:
-                break
-            for row in rows:
+        try:
+            for row in cursor:
                 _row(src, parser, row, local, domain, warn)
+        except sqlite3.Error as exc:
+            raise ForwardingSourceError(f"{path}:row {len(src.keys) + 1}",
+                                        f"query failed: {exc}") from None
     finally:
         conn.close()
     return src
