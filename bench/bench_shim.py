@@ -17,10 +17,20 @@ counting per message, a ``labels()`` lookup, one scrape.
 (workers = 1) in the same rounds; its CPU is the supervisor's and its workers' together. With
 ``--metrics`` too, one more with workers and ``[metrics]`` on, and the metrics calls are
 timed again in the workers' multi-process mode (values in files: prometheus_client's
-``PROMETHEUS_MULTIPROC_DIR``). ``--upstream canned``: in Rspamd's place a canned /checkv2
-responder (a process of its own, answering "no action" at once, and the legacy protocol for
-the direct path), so the shim's own CPU is what limits the throughput, not Rspamd's one
-worker; "direct" then measures the client and the responder alone.
+``PROMETHEUS_MULTIPROC_DIR``).
+
+``--baseline DIR``: one more shim, running the code of another checkout (``git worktree add
+DIR COMMIT``), beside this one in the same rounds: a change's CPU and throughput, before and
+after, under the same load.
+
+``--unix``: both hops over unix sockets too, side by side with TCP: "direct unix" sends
+straight to Rspamd's socket, "shim unix" to the shim's socket, which scans over Rspamd's
+(``rspamd.url = "unix:..."``).
+
+``--upstream canned``: in Rspamd's place a canned /checkv2 responder (a process of its own,
+answering "no action" at once, and the legacy protocol for the direct path), so the shim's
+own CPU is what limits the throughput, not Rspamd's one worker; "direct" then measures the
+client and the responder alone.
 
 Run as root (Rspamd runs as _rspamd):  .venv/bin/python bench/bench_shim.py [--messages 2000]
 """
@@ -84,9 +94,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_times(pids))
 
 
-async def one(port: int, payload: bytes) -> tuple[float, bytes]:
+async def one(address: int | str, payload: bytes) -> tuple[float, bytes]:
+    """One request on a connection of its own to a loopback port, or a unix socket path."""
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if isinstance(address, str):
+        reader, writer = await asyncio.open_unix_connection(address)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", address)
     writer.write(payload)
     await writer.drain()
     reply = await reader.read()  # both servers close after the reply
@@ -94,16 +108,16 @@ async def one(port: int, payload: bytes) -> tuple[float, bytes]:
     return time.perf_counter() - started, reply
 
 
-async def run_round(port: int, payloads: list[bytes],
+async def run_round(address: int | str, payloads: list[bytes],
                     concurrency: int) -> tuple[float, list[float]]:
     queue = list(reversed(payloads))
     latencies: list[float] = []
 
     async def worker():
         while queue:
-            latency, reply = await one(port, queue.pop())
+            latency, reply = await one(address, queue.pop())
             if b"Action: no action" not in reply:
-                raise SystemExit(f"unexpected reply on port {port}: {reply[:200]!r}")
+                raise SystemExit(f"unexpected reply from {address}: {reply[:200]!r}")
             latencies.append(latency)
 
     started = time.perf_counter()
@@ -182,9 +196,10 @@ CANNED_RSPAMC = (b"RSPAMD/1.3 0 EX_OK\r\nMetric: default; False; 0.00 / 15.00 / 
                  b"Action: no action\r\n")
 
 
-def canned_upstream(port_pipe: int) -> None:
+def canned_upstream(port_pipe: int, socket_path: str) -> None:
     """Serve "no action" to /checkv2 (HTTP) and to the legacy CHECK request, one request
-    per connection, then close; writes the port to ``port_pipe``. Runs until killed."""
+    per connection, then close, on a loopback port and on a unix socket at ``socket_path``;
+    writes the port to ``port_pipe``. Runs until killed."""
     try:
         import uvloop
         new_loop = uvloop.new_event_loop
@@ -216,6 +231,7 @@ def canned_upstream(port_pipe: int) -> None:
 
     loop = new_loop()
     server = loop.run_until_complete(loop.create_server(Canned, "127.0.0.1", 0, backlog=1024))
+    loop.run_until_complete(loop.create_unix_server(Canned, socket_path, backlog=1024))
     os.write(port_pipe, str(server.sockets[0].getsockname()[1]).encode())
     os.close(port_pipe)
     loop.run_forever()
@@ -224,13 +240,17 @@ def canned_upstream(port_pipe: int) -> None:
 class CannedLab:
     """The canned responder as a process, where the bench would use the lab's Rspamd."""
 
+    def __init__(self, workdir: str) -> None:
+        self.socket_path = os.path.join(workdir, "canned.sock")
+        self.socket_url = f"unix:{self.socket_path}"
+
     def __enter__(self):
         read, write = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
             os.close(read)
             try:
-                canned_upstream(write)
+                canned_upstream(write, self.socket_path)
             finally:
                 os._exit(0)
         os.close(write)
@@ -259,6 +279,11 @@ def main() -> int:
                     help="also shims with [metrics] on (text logs, JSON logs), side by side")
     ap.add_argument("--workers", default="",
                     help="also shims with server.workers = each of these (e.g. 2 or 2,4)")
+    ap.add_argument("--baseline", metavar="DIR", default="",
+                    help="also a shim running the code of the checkout at DIR, side by side")
+    ap.add_argument("--unix", action="store_true",
+                    help="also both hops over unix sockets: a path straight to Rspamd's "
+                         "socket, and a shim listening on one and scanning over Rspamd's")
     ap.add_argument("--upstream", choices=("rspamd", "canned"), default="rspamd",
                     help="what the shim scans with: the lab's Rspamd, or a canned responder")
     args = ap.parse_args()
@@ -270,7 +295,7 @@ def main() -> int:
 
     payloads = [exim_request(i, args.paragraphs) for i in range(args.messages // args.rounds)]
     with tempfile.TemporaryDirectory(prefix="exim-policy-bench-") as workdir, \
-            (CannedLab() if args.upstream == "canned" else Lab(workdir)) as lab:
+            (CannedLab(workdir) if args.upstream == "canned" else Lab(workdir)) as lab:
         upstream = lab if args.upstream == "canned" else lab.rspamd
         shim = ShimLab(workdir, rspamd_url=upstream.url, log_level=args.log_level)
         shim.start()
@@ -287,25 +312,39 @@ def main() -> int:
                 shims[name] = ShimLab(os.path.join(workdir, name), rspamd_url=upstream.url,
                                       log_level=args.log_level, metrics=metrics, workers=n)
                 shims[name].start()
+        if args.baseline:
+            shims["baseline"] = ShimLab(os.path.join(workdir, "baseline"),
+                                        rspamd_url=upstream.url, log_level=args.log_level,
+                                        code=args.baseline)
+            shims["baseline"].start()
+        if args.unix:  # both hops over unix sockets: the client's and the shim's
+            shims["shim unix"] = ShimLab(os.path.join(workdir, "unix"),
+                                         rspamd_url=upstream.socket_url,
+                                         log_level=args.log_level, unix_socket=True)
+            shims["shim unix"].start()
+        address = {name: str(lab_shim.socket_path) if name == "shim unix" else lab_shim.port
+                   for name, lab_shim in shims.items()}
+        address["direct"] = upstream.port
+        if args.unix:
+            address["direct unix"] = str(upstream.socket_path)
         idle = [socket.create_connection(("127.0.0.1", shim.port)) for _ in range(args.idle)]
         for sock in idle[::2]:
             sock.sendall(b"C")
         try:
             rspamd_pids = [lab.pid] if args.upstream == "canned" else \
                 group_members(lab.rspamd.process.pid)  # master + workers
-            results = {name: ([], 0.0, 0.0) for name in ("direct", *shims)}
+            results = {name: ([], 0.0, 0.0) for name in
+                       ("direct", *(["direct unix"] if args.unix else []), *shims)}
             cpu = {name: [0.0, 0.0, 0.0] for name in shims}  # shim, its system part, Rspamd
             client = {name: 0.0 for name in results}  # this process, the load
             # warm-up every path (first scans after start are slower)
-            asyncio.run(run_round(upstream.port, payloads[:50], args.concurrency))
-            for one_shim in shims.values():
-                asyncio.run(run_round(one_shim.port, payloads[:50], args.concurrency))
+            for name in results:
+                asyncio.run(run_round(address[name], payloads[:50], args.concurrency))
             names = list(results)
             for r in range(args.rounds):
                 # each path in turn takes each place in a round: no path always follows
                 # the same one
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    port = shims[name].port if name in shims else upstream.port
                     # the shim's process, or its supervisor and workers (its process group)
                     pids = group_members((shims[name] if name in shims else shim).proc.pid)
                     metered = name in shims and shims[name].metrics_port is not None
@@ -313,7 +352,8 @@ def main() -> int:
                     c_shim, c_rspamd = cpu_seconds(pids), cpu_seconds(rspamd_pids)
                     c_sys = cpu_times(pids)[1]
                     c_client = sum(os.times()[:2])
-                    elapsed, lat = asyncio.run(run_round(port, payloads, args.concurrency))
+                    elapsed, lat = asyncio.run(run_round(address[name], payloads,
+                                                         args.concurrency))
                     if metered:  # (this scrape is in the round's CPU figure)
                         moved = messages_counted(shims[name].metrics_url) - counted
                         if moved != len(payloads):
@@ -344,6 +384,9 @@ def main() -> int:
               f"   p99 {pct(lats, 99):6.2f} ms")
     n = len(payloads) * args.rounds
     print(f"  throughput ratio shim/direct: {rates['shim'] / rates['direct']:.3f}")
+    if args.unix:
+        print(f"  throughput ratio shim/direct, both over unix sockets: "
+              f"{rates['shim unix'] / rates['direct unix']:.3f}")
     print("  CPU per message of the client (this process): " + ", ".join(
         f"{name} {seconds / n * 1000:.3f} ms" for name, seconds in client.items()))
     for name, (shim_cpu, shim_sys, rspamd_cpu) in cpu.items():
@@ -364,6 +407,16 @@ def main() -> int:
             other = cpu[name][0] / n
             print(f"  {name} vs shim: {(other - plain) * 1e6:+.1f} µs CPU per message "
                   f"({(other / plain - 1) * 100:+.1f} %)")
+    if "shim unix" in cpu:
+        other = cpu["shim unix"][0] / n
+        print(f"  shim unix vs shim (TCP): throughput x{rates['shim unix'] / rates['shim']:.3f},"
+              f" {(other - plain) * 1e6:+.1f} µs CPU per message "
+              f"({(other / plain - 1) * 100:+.1f} %)")
+    if "baseline" in cpu:
+        base = cpu["baseline"][0] / n
+        print(f"  shim vs baseline ({args.baseline}): throughput "
+              f"x{rates['shim'] / rates['baseline']:.3f}, {(plain - base) * 1e6:+.1f} µs CPU "
+              f"per message ({(plain / base - 1) * 100:+.1f} %)")
     for count in workers:
         name = f"workers={count}"
         other = cpu[name][0] / n

@@ -128,6 +128,16 @@ def _http_url(value: object) -> str:
     return value.rstrip("/")
 
 
+def _scanner_url(value: object) -> str:
+    """Rspamd's normal worker: ``http://host:port``, or ``unix:/path`` (a ``bind_socket``
+    of its own on this host: no TCP on that hop)."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ValueError(f"{value!r}: expected unix:/absolute/path")
+        return value
+    return _http_url(value)
+
+
 def _positive(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError("expected a positive number")
@@ -353,7 +363,7 @@ class SettingsIds:
 
 @dataclass(frozen=True)
 class RspamdConfig:
-    url: str = field(default="http://127.0.0.1:11333", metadata=_parse(_http_url))
+    url: str = field(default="http://127.0.0.1:11333", metadata=_parse(_scanner_url))
     #: keep below Exim's spamd_address tmo= (the bundled config uses 30s)
     timeout: float = field(default=8.0, metadata=_parse(_positive))
     settings_id: SettingsIds = SettingsIds()

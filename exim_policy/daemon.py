@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import dataclasses
 import logging
-import logging.handlers
 import resource
 import signal
 import time
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import config as config_file
 from .config import Config, ConfigError, LoggingConfig, changed_keys, format_duration
 from .forwarding.watch import MapWatcher
-from .logs import handler_for, reconfigure_logging
+from .logs import LogWriter, handler_for, reconfigure_logging
 from .metrics import Metrics
 from .notify import Notifier
 from .quarantine.receiver import QuarantineReceiver
@@ -76,10 +75,10 @@ def tune_process(config: Config) -> None:
 
 
 async def run(config: Config, *, config_path: str | Path | None = None,
-              log_listener: logging.handlers.QueueListener | None = None,
+              log_output: LogWriter | None = None,
               worker: WorkerRole | None = None) -> None:
     """Serve until SIGTERM/SIGINT. ``config_path``: the file SIGHUP re-reads (None: SIGHUP
-    only re-reads the forwarding map); ``log_listener``: the log writer a reload switches
+    only re-reads the forwarding map); ``log_output``: the log writer a reload switches
     to the new ``[logging]``; ``worker``: this process is that worker of several (its
     states go to the supervisor, not to systemd; the quarantine receiver runs in worker 1
     only; the metrics are counted with the other workers')."""
@@ -124,7 +123,7 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     reloads: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
     reloader = Reloader(config, config_path, Running(
         service=service, listeners=(server, http), queries=queries, watcher=watcher,
-        accounts=accounts, quarantine=quarantine, log_listener=log_listener),
+        accounts=accounts, quarantine=quarantine, log_output=log_output),
         systemd=systemd, metrics=metrics,
         log_writer=worker.log_writer if worker is not None else handler_for)
 
@@ -334,7 +333,7 @@ class Running:
     watcher: MapWatcher
     accounts: AccountTracker | None
     quarantine: QuarantineReceiver | None
-    log_listener: logging.handlers.QueueListener | None
+    log_output: LogWriter | None
 
 
 class Reloader:
@@ -382,8 +381,8 @@ class Reloader:
                       self.path, len(exc.errors), "; ".join(exc.errors))
             self._count(False)
             return False
-        if writer is not None and self.running.log_listener is not None:
-            await asyncio.to_thread(reconfigure_logging, self.running.log_listener,
+        if writer is not None and self.running.log_output is not None:
+            await asyncio.to_thread(reconfigure_logging, self.running.log_output,
                                     config.logging, writer)
         self._apply(config)
         self._count(True)

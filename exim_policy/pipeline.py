@@ -146,8 +146,8 @@ class PolicyService:
 
 
 def log_decision(protocol: str, command: str, evaluation: Evaluation) -> None:
-    """One line per message. The event loop only collects its values: the line is
-    formatted, and its fields (logging.format = json) built, by the log writer's thread."""
+    """One line per message, formatted once (logs.LogWriter); its fields are built only
+    for the JSON format."""
     d, env = evaluation.decision, evaluation.envelope
     scan = d.scan
     level = logging.WARNING if d.failure is not None else logging.INFO

@@ -67,6 +67,7 @@ def test_contract_example(tmp_path):
     ({"server": {"max_bytes_in_flight": 1000, "max_message_size": 1001}},
      "server.max_bytes_in_flight"),
     ({"rspamd": {"url": "https://x:11333"}}, "rspamd.url"),
+    ({"rspamd": {"url": "unix:normal.sock"}}, "rspamd.url"),
     ({"rspamd": {"timeout": -1}}, "rspamd.timeout"),
     ({"rspamd": {"timeout": "8"}}, "rspamd.timeout"),
     ({"rspamd": {"settings_id": {"inbound": 3}}}, "rspamd.settings_id.inbound"),

@@ -1,5 +1,6 @@
 """The daemon's log output (exim_policy/logs.py): JSON lines with the decision's fields,
-syslog, and the real daemon writing JSON for a message scanned by the real Rspamd."""
+syslog, the batching writer (a stuck or failing target, a reload's switch), and the real
+daemon writing JSON for a message scanned by the real Rspamd."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from exim_policy.config import ConfigError, LoggingConfig, from_dict
 from exim_policy.lab import messages
 from exim_policy.lab.shim import ShimLab
-from exim_policy.logs import JsonFormatter, handler_for
+from exim_policy.logs import JsonFormatter, LogWriter, handler_for
 from exim_policy.model import Context, Envelope, ScanResult
 from exim_policy.policy import decide
 from exim_policy.pipeline import Evaluation, log_decision
@@ -95,3 +97,116 @@ def test_the_daemon_writes_json_lines(rspamd_running, tmp_path):
     assert (decision["final"], decision["rspamd"], decision["traffic"]) == \
         ("reject", "reject", "inbound")
     assert len(lines) > 1  # the start-up lines are JSON too (json.loads read every line)
+
+
+# ------------------------------------------------------------------ LogWriter --
+class _Recording:
+    """A stream that records each write; ``gate`` (an Event) holds writes until set."""
+
+    def __init__(self, gate=None, fail=False):
+        self.writes, self.gate, self.fail = [], gate, fail
+
+    def write(self, text):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail:
+            raise OSError(32, "Broken pipe")
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def _writer(stream):
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    return LogWriter(handler)
+
+
+def _record(text, level=logging.INFO):
+    return logging.makeLogRecord({"name": "exim_policy.t", "msg": text, "levelno": level,
+                                  "levelname": logging.getLevelName(level)})
+
+
+def test_lines_made_together_go_out_in_one_write():
+    stream = _Recording()
+    writer = _writer(stream)
+    for i in range(50):
+        writer.handle(_record(f"line {i}"))
+    writer.stop()
+    assert "".join(stream.writes) == "".join(f"INFO line {i}\n" for i in range(50))
+    assert len(stream.writes) <= 2  # (the thread may have woken between two records)
+
+
+def test_a_stuck_target_never_blocks_the_thread_that_logs(monkeypatch):
+    monkeypatch.setattr("exim_policy.logs.MAX_PENDING", 100)
+    gate = threading.Event()
+    stream = _Recording(gate)
+    writer = _writer(stream)
+    writer.handle(_record("first"))
+    time.sleep(0.1)  # the writer's thread is now stuck in write("first")
+    started = time.monotonic()
+    for i in range(250):
+        writer.handle(_record(f"line {i}"))
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    writer.stop()
+    text = "".join(stream.writes)
+    # 100 wait, the other 150 are dropped and counted on the next line out
+    assert text.startswith("INFO first\n")
+    assert "150 log line(s) lost (the log target did not keep up)\n" in text
+    assert text.count("INFO line ") == 100 and "INFO line 99\n" in text
+    assert "INFO line 100\n" not in text
+
+
+def test_a_failed_write_is_counted_on_the_next_line_that_goes_out():
+    stream = _Recording(fail=True)
+    writer = _writer(stream)
+    writer.handle(_record("lost one"))
+    writer.handle(_record("lost two"))
+    time.sleep(0.2)
+    stream.fail = False
+    writer.handle(_record("after"))
+    writer.stop()
+    assert "".join(stream.writes) == ("exim-policy: 2 log line(s) lost (the log target did "
+                                      "not keep up)\nINFO after\n")
+
+
+def test_switch_writes_what_waits_with_the_old_writer_then_closes_it():
+    old_stream, new_stream = _Recording(threading.Event()), _Recording()
+    writer = _writer(old_stream)
+    old = writer.writer
+    writer.handle(_record("old"))
+    old_stream.gate.set()
+    new = logging.StreamHandler(new_stream)
+    new.setFormatter(logging.Formatter("NEW %(message)s"))
+    writer.switch(new)
+    writer.handle(_record("new"))
+    writer.stop()
+    assert "".join(old_stream.writes) == "INFO old\n" and old._closed  # type: ignore[attr-defined]
+    assert "".join(new_stream.writes) == "NEW new\n"
+
+
+def test_a_record_made_after_stop_is_written_at_once():
+    stream = _Recording()
+    writer = _writer(stream)
+    writer.stop()
+    writer.handle(_record("late"))
+    assert stream.writes == ["INFO late\n"]
+
+
+def test_a_syslog_writer_gets_each_record(tmp_path):
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(5)
+    try:
+        writer = LogWriter(handler_for(LoggingConfig(target="syslog", syslog_address=path)))
+        writer.handle(_record("one"))
+        writer.handle(_record("two", logging.WARNING))
+        writer.stop()
+        first, second = receiver.recv(4096).decode(), receiver.recv(4096).decode()
+    finally:
+        receiver.close()
+    assert first.rstrip("\x00").endswith("INFO exim_policy.t: one")
+    assert second.rstrip("\x00").endswith("WARNING exim_policy.t: two")

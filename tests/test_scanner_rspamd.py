@@ -100,8 +100,41 @@ def test_parse_errors_are_scanner_errors(reply, words):
         parse_reply(reply)
 
 
-async def _scripted_peer(reply: bytes, delay: float = 0.0):
-    """A one-shot HTTP peer: records the request (Content-Length framed), replies, closes."""
+RICH_JSON = json.dumps({
+    "is_skipped": False, "score": 6.5, "required_score": 15.0, "action": "add header",
+    "symbols": {"R_SPF_NA": {"name": "R_SPF_NA", "score": 0, "options": ["no SPF record"]},
+                "FAKE_REPLY": {"score": 6.5, "description": "Fake reply"},
+                "ODD": "not an object", "NO_SCORE": {"options": [1, "two"]}},
+    "messages": {"smtp_message": "Looks like spam"}, "subject": "*** SPAM *** hello",
+    "milter": {"add_headers": {"X-Spamd-Bar": "+++"}}}, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("body", [
+    GTUBE_JSON, RICH_JSON,
+    # json.loads takes what orjson refuses: NaN, integers past 64 bits, UTF-16
+    b'{"action":"no action","score":1,"required_score":15,"time_real":NaN}',
+    b'{"action":"no action","score":1,"required_score":15,"big":123456789012345678901234}',
+    '{"action":"no action","score":1,"required_score":15}'.encode("utf-16"),
+])
+def test_replies_read_the_same_with_and_without_orjson(body, monkeypatch):
+    from exim_policy.scanner import rspamd_json
+
+    assert rspamd_json._fast_loads is not None  # (the test extras install orjson)
+    with_orjson = parse_reply(http(body))
+    monkeypatch.setattr(rspamd_json, "_fast_loads", None)
+    assert parse_reply(http(body)) == with_orjson
+
+
+def test_symbols_of_odd_shapes_keep_their_names():
+    result = parse_reply(http(RICH_JSON))
+    assert [(s.name, s.score, s.options, s.description) for s in result.symbols] == [
+        ("R_SPF_NA", 0.0, ("no SPF record",), None), ("FAKE_REPLY", 6.5, (), "Fake reply"),
+        ("ODD", 0.0, (), None), ("NO_SCORE", 0.0, ("1", "two"), None)]
+
+
+async def _scripted_peer(reply: bytes, delay: float = 0.0, path: str | None = None):
+    """A one-shot HTTP peer: records the request (Content-Length framed), replies, closes;
+    on a unix socket at ``path`` (its port is then None)."""
     seen = {}
 
     async def handle(reader, writer):
@@ -114,6 +147,8 @@ async def _scripted_peer(reply: bytes, delay: float = 0.0):
         await writer.drain()
         writer.close()
 
+    if path is not None:
+        return await asyncio.start_unix_server(handle, path), None, seen
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], seen
 
@@ -145,3 +180,19 @@ def test_client_timeout_and_refused():
             await RspamdScanner(f"http://127.0.0.1:{port}", timeout=1).scan(b"x", Envelope())
 
     asyncio.run(main())
+
+
+def test_client_over_a_unix_socket(tmp_path):
+    path = str(tmp_path / "normal.sock")
+
+    async def main():
+        server, _, seen = await _scripted_peer(http(GTUBE_JSON), path=path)
+        async with server:
+            result = await RspamdScanner(f"unix:{path}", timeout=5).scan(b"body", Envelope())
+        return result, seen
+
+    result, seen = asyncio.run(main())
+    assert result.action == "reject"
+    assert seen["request"].startswith(b"POST /checkv2 HTTP/1.1\r\nHost: localhost\r\n")
+    with pytest.raises(ScannerError, match=f"cannot reach Rspamd at {path}: "):
+        asyncio.run(RspamdScanner(f"unix:{path}", timeout=1).scan(b"x", Envelope()))

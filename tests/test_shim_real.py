@@ -175,4 +175,4 @@ def test_rspamd_stopped_gives_each_directions_configured_outcome(shim, rspamd_st
         assert action_of(accepted) == "no action"
     finally:
         deferring.stop()
-    assert "scanner unavailable" in shim.log_text()
+    shim.wait_log("scanner unavailable")

@@ -65,23 +65,23 @@ def serve(config: Config, config_path: str | Path | None,
     from .. import daemon
     from ..logs import start_logging
 
-    listener = start_logging(config.logging)
+    log_output = start_logging(config.logging)
     if worker is not None:
         from ..workers import WorkerFormatter
 
-        for writer in listener.handlers:
-            writer.setFormatter(WorkerFormatter(writer.formatter, worker.index))
+        writer = log_output.writer
+        writer.setFormatter(WorkerFormatter(writer.formatter, worker.index))
     new_loop = loop_factory(config.server.event_loop)
     loop = new_loop()
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(daemon.run(config, config_path=config_path,
-                                           log_listener=listener, worker=worker))
+                                           log_output=log_output, worker=worker))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"exim-policy: cannot serve: {exc}", file=sys.stderr)
         return 2
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-        listener.stop()  # flushes what is still queued
+        log_output.stop()  # writes what is still waiting
     return 0

@@ -172,6 +172,15 @@ class RspamdLab:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def socket_path(self) -> Path:
+        """The normal worker's unix socket (``rspamd.url = "unix:..."``)."""
+        return self.run_dir / "normal.sock"
+
+    @property
+    def socket_url(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    @property
     def controller_url(self) -> str:
         return f"http://{self.host}:{self.controller_port}"
 
@@ -209,7 +218,9 @@ class RspamdLab:
     def _local_d(self) -> dict[str, str]:
         files = self._base_local_d()
         files.update({
-            "worker-normal.inc": f'bind_socket = "{self.host}:{self.port}";\ncount = 1;\n',
+            # (and on a unix socket: Rspamd binds each bind_socket line)
+            "worker-normal.inc": f'bind_socket = "{self.host}:{self.port}";\n'
+                                 f'bind_socket = "{self.socket_path} mode=0666";\ncount = 1;\n',
             "worker-controller.inc": f'bind_socket = "{self.host}:{self.controller_port}";\n',
             # the stock proxy would bind localhost:11332; off, and on a free port just in case
             "worker-proxy.inc": f'enabled = false;\nbind_socket = "{self.host}:{free_port()}";\n',

@@ -37,13 +37,17 @@ class ShimLab:
                  server: Mapping[str, object] | None = None,
                  quarantine: Mapping[str, object] | None = None,
                  metrics: Mapping[str, object] | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, code: str | os.PathLike | None = None,
+                 unix_socket: bool = False) -> None:
         """``server``: more ``[server]`` keys (limits, timeouts) over the lab's own.
         ``quarantine``: run the quarantine receiver (on :attr:`quarantine_port`, its store
         in :attr:`quarantine_path`), with these ``[quarantine]`` keys over the lab's.
         ``metrics``: serve ``GET /metrics`` on :attr:`metrics_port`, with these
         ``[metrics]`` keys over the lab's. ``workers``: ``server.workers`` (a supervisor
-        and that many worker processes; :meth:`start` waits until every one serves)."""
+        and that many worker processes; :meth:`start` waits until every one serves). ``code``:
+        a checkout whose ``exim_policy`` the daemon runs instead of this one's (a benchmark's
+        baseline, side by side). ``unix_socket``: the spamd listener on a unix socket too
+        (:attr:`socket_path`, :attr:`spamd_socket_address`)."""
         self.dir = Path(workdir) / "shim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -54,13 +58,18 @@ class ShimLab:
         self.config_path = self.dir / "config.toml"
         self.map_path = self.dir / "forwardings.txt"
         self.log_path = self.dir / "shim.log"
+        self.socket_path = self.dir / "spamd.sock" if unix_socket else None
         self.proc: subprocess.Popen | None = None
         self.quarantine_port = free_port() if quarantine is not None else None
         self.quarantine_path = self.dir / "quarantine"
         self.metrics_port = free_port() if metrics is not None else None
         self.workers = workers or 1
+        self.code = str(code) if code is not None else None
+        listen = [f"{LOOPBACK}:{self.port}"]  # (start() waits for this one)
+        if self.socket_path is not None:
+            listen.append(f"unix:{self.socket_path}")
         sections: dict[str, dict[str, object]] = {
-            "server": {"listen": [f"{LOOPBACK}:{self.port}"], "read_timeout": 10.0,
+            "server": {"listen": listen, "read_timeout": 10.0,
                        "query_listen": [f"{LOOPBACK}:{self.query_port}"],
                        "http_listen": [f"{LOOPBACK}:{self.http_port}"] if self.http_port else [],
                        **({"workers": workers} if workers else {}), **(server or {})},
@@ -99,6 +108,11 @@ class ShimLab:
         """The value for Exim's spamd_address."""
         return f"{LOOPBACK} {self.port} variant=rspamd tmo=30s"
 
+    @property
+    def spamd_socket_address(self) -> str:
+        """Exim's spamd_address for the unix socket (``unix_socket=True``)."""
+        return f"{self.socket_path} variant=rspamd tmo=30s"
+
     def write_forwarding(self, addresses: Iterable[str], *, wait: bool = True) -> None:
         """Replace the forwarding map atomically; with ``wait``, give the running shim
         time to notice (it polls every 0.2 s here)."""
@@ -122,7 +136,8 @@ class ShimLab:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "exim_policy", "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **(env or {})})
+                start_new_session=True, env={**os.environ, **(env or {})},
+                cwd=self.code)  # (``-m`` imports from the working directory first)
         finally:
             log.close()
         try:

@@ -24,10 +24,11 @@ never are.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from ..model import MAX_ACTION_BYTES, REWRITE_SUBJECT, Decision, Envelope, Request, Symbol
-from .scores import clean_score, exim_threshold, format_number, format_score
+from .scores import exim_threshold, format_number, format_score
 from .text import (MAX_REPLY_BYTES, MAX_VALUE_BYTES, encode, has_line_breaker, one_line,
                    split_address_list, strip_angle, trim_reply, truncate_bytes, valid_ip)
 
@@ -83,8 +84,12 @@ def _line(name: str, value: str) -> bytes:
 
 
 def _symbol_line(symbol: Symbol) -> bytes:
-    name = truncate_bytes(encode(one_line(symbol.name)), MAX_VALUE_BYTES)
-    return b"Symbol: " + name + b"(" + format_score(symbol.score).encode("ascii") + b")\r\n"
+    return _symbol_start(symbol.name) + format_score(symbol.score).encode("ascii") + b")\r\n"
+
+
+@functools.lru_cache(maxsize=4096)  # (Rspamd's symbol names: a few hundred configured ones)
+def _symbol_start(name: str) -> bytes:
+    return b"Symbol: " + truncate_bytes(encode(one_line(name)), MAX_VALUE_BYTES) + b"("
 
 
 def first_message(decision: Decision) -> str:
@@ -116,9 +121,10 @@ def build_reply(decision: Decision) -> bytes:
     symbols = list(scan.symbols if scan is not None else ()) + list(decision.symbols)
     symbol_lines = [_symbol_line(s) for s in symbols]
 
-    first_line = _line("Message", first_message(decision)) + _line("Reason", decision.reason)
+    first = _line("Message", first_message(decision))
+    first_line = first + _line("Reason", decision.reason)
     extra_lines: list[bytes] = []
-    emitted = {_line("Message", first_message(decision))}
+    emitted = {first}
     for _key, text in (scan.messages if scan is not None else ()):
         line = _line("Message", text)
         if line not in emitted:
@@ -130,7 +136,7 @@ def build_reply(decision: Decision) -> bytes:
     # extra Message lines outrank Symbol lines; among symbols, the shim's own context symbols
     # (last in the list) outrank Rspamd's, and Rspamd's high-|score| symbols the 0.00 ones
     kept_extra, kept_symbols = trim_reply(extra_lines, symbol_lines,
-                                          [clean_score(s.score) for s in symbols],
+                                          [s.score for s in symbols],
                                           len(decision.symbols), budget)
 
     return b"".join(

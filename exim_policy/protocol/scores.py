@@ -30,14 +30,16 @@ def clean_score(value: float | None) -> float:
 def format_number(value: float, decimals: int = 2) -> str:
     """A finite ``value`` as printed on the wire (``%.{decimals}f``); never ``-0.00``."""
     text = f"{value:.{decimals}f}"
-    if text.startswith("-") and float(text) == 0.0:
+    if text[0] == "-" and float(text) == 0.0:
         text = text[1:]
     return text
 
 
 def format_score(value: float | None, decimals: int = 2) -> str:
     """A score as printed on the wire: :func:`clean_score`, then :func:`format_number`."""
-    return format_number(clean_score(value), decimals)
+    if value is None or not -SCORE_LIMIT <= value <= SCORE_LIMIT:  # (NaN too)
+        value = clean_score(value)
+    return format_number(value, decimals)
 
 
 def exim_threshold(score: float | None, required: float | None, reject: bool,

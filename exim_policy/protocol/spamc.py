@@ -30,7 +30,7 @@ from ..model import SOFT_REJECT, Decision, Envelope, Request, Symbol
 from .mbox import envelope_from_mbox, leading_headers, strip_mbox_from_line
 from .parser import version_tuple
 from .rspamc import first_message
-from .scores import clean_score, exim_threshold, format_number, format_score
+from .scores import exim_threshold, format_number, format_score
 from .text import (MAX_REPLY_BYTES, MAX_VALUE_BYTES, encode, one_line, trim_reply,
                    truncate_bytes, valid_ip)
 
@@ -174,7 +174,7 @@ def _report(decision: Decision, budget: int) -> bytes:
             detail += f" [{', '.join(sym.options)}]"
         symbol_lines.append(line(f" {format_score(sym.score)} {sym.name}{detail}"))
 
-    kept_extra, kept = trim_reply(extra, symbol_lines, [clean_score(s.score) for s in symbols],
+    kept_extra, kept = trim_reply(extra, symbol_lines, [s.score for s in symbols],
                                   len(decision.symbols), budget - sum(map(len, fixed)))
     return b"".join(fixed + [extra[i] for i in sorted(kept_extra)]
                     + [symbol_lines[i] for i in sorted(kept)])

@@ -6,6 +6,9 @@ request values arrive as latin-1 decoded ``str`` (see :class:`exim_policy.model.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
+
+from .scores import clean_score
 
 #: Exim keeps 32599 bytes of a reply and copies ``$spam_report`` into a 32600-byte buffer
 #: without a bounds check (docs/wire-formats.md, "How Exim reads a reply" and "What the ACL
@@ -61,24 +64,26 @@ def keep_within(lines: list[bytes], order: list[int], budget: int) -> set[int]:
     return kept
 
 
-def trim_reply(extra: list[bytes], symbols: list[bytes], scores: list[float], n_own: int,
-               budget: int) -> tuple[set[int], set[int]]:
+def trim_reply(extra: list[bytes], symbols: list[bytes], scores: Sequence[float | None],
+               n_own: int, budget: int) -> tuple[set[int], set[int]]:
     """What of a reply's droppable lines fits ``budget`` bytes: the indexes of the
     ``extra`` message lines kept (they outrank symbol lines, in their order), then of the
-    ``symbols`` lines (``scores``: their scores; the last ``n_own`` are the shim's, see
-    :func:`symbol_priority`)."""
+    ``symbols`` lines (``scores``: their scores, looked at only when something must go;
+    the last ``n_own`` are the shim's, see :func:`symbol_priority`)."""
+    if sum(map(len, extra)) + sum(map(len, symbols)) <= budget:  # (nearly always)
+        return set(range(len(extra))), set(range(len(symbols)))
     kept_extra = keep_within(extra, list(range(len(extra))), budget)
     budget -= sum(len(extra[i]) for i in kept_extra)
     return kept_extra, keep_within(symbols, symbol_priority(scores, n_own), budget)
 
 
-def symbol_priority(scores: list[float], n_own: int) -> list[int]:
+def symbol_priority(scores: Sequence[float | None], n_own: int) -> list[int]:
     """Which symbols to keep first when a reply must be cut: ``scores`` lists Rspamd's
     symbols, then the shim's ``n_own`` context symbols. The shim's come first (Rspamd's
     symbols are in the log anyway), then Rspamd's by descending ``|score|``."""
     n_rspamd = len(scores) - n_own
     order = list(range(n_rspamd, len(scores)))
-    order += sorted(range(n_rspamd), key=lambda i: -abs(scores[i]))
+    order += sorted(range(n_rspamd), key=lambda i: -abs(clean_score(scores[i])))
     return order
 
 

@@ -10,7 +10,6 @@ of asyncio keep the shim's CPU per message small next to Rspamd's. Two traps fro
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import urllib.parse
 
@@ -18,7 +17,7 @@ from ..config import RspamdConfig, SettingsIds
 from ..model import Envelope, ScanResult, Traffic
 from ..protocol.text import has_line_breaker
 from . import BAD_REPLY, CONNECT, HTTP_STATUS, TIMEOUT, Message, ScannerError
-from .rspamd_json import result_from_json
+from .rspamd_json import loads, result_from_json
 
 DEFAULT_SETTINGS_IDS = SettingsIds()
 #: Rspamd's JSON for a message is small; anything far larger is not a reply we can use
@@ -79,7 +78,7 @@ def parse_reply(data: bytes) -> ScanResult:
                                BAD_REPLY)
         body = body[:length]
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except ValueError:
         raise ScannerError(f"HTTP {code} from Rspamd with a body that is not JSON",
                            BAD_REPLY if code == 200 else HTTP_STATUS) from None
@@ -162,11 +161,15 @@ class RspamdScanner:
 
     def __init__(self, url: str, timeout: float,
                  settings_ids: SettingsIds = DEFAULT_SETTINGS_IDS) -> None:
-        parts = urllib.parse.urlsplit(url)
+        """``url``: ``http://host:port[/prefix]``, or ``unix:/path`` (Rspamd's socket)."""
+        #: the unix socket's path; None: TCP to host, port
+        self.socket_path = url[5:] if url.startswith("unix:") else None
+        parts = urllib.parse.urlsplit("http://localhost" if self.socket_path else url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 11333
         self.path = (parts.path.rstrip("/") or "") + "/checkv2"
         self.host_header = parts.netloc
+        self.where = self.socket_path or f"{self.host}:{self.port}"  # (for errors)
         self.timeout = timeout
         self.settings_ids = settings_ids
 
@@ -183,15 +186,20 @@ class RspamdScanner:
             raise ScannerError(f"no reply from Rspamd within {self.timeout:g}s",
                                TIMEOUT) from None
         except OSError as exc:
-            raise ScannerError(f"cannot reach Rspamd at {self.host}:{self.port}: "
+            raise ScannerError(f"cannot reach Rspamd at {self.where}: "
                                f"{exc.strerror or exc}", CONNECT) from None
         return parse_reply(data)
 
     async def _exchange(self, head: bytes, message: memoryview) -> bytes:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        transport, _ = await loop.create_connection(lambda: _Exchange(head, message, done),
-                                                    self.host, self.port)
+        def exchange() -> _Exchange:
+            return _Exchange(head, message, done)
+
+        if self.socket_path is not None:
+            transport, _ = await loop.create_unix_connection(exchange, self.socket_path)
+        else:
+            transport, _ = await loop.create_connection(exchange, self.host, self.port)
         try:
             return await done
         finally:

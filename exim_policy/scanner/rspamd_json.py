@@ -3,10 +3,28 @@ client), a :class:`Symbol` -> its JSON object (the HTTP front's replies,
 protocol/checkv2.py)."""
 from __future__ import annotations
 
+import json
 import math
+
+try:  # (the "fast" extra) a third of json.loads's time on Rspamd's replies
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover
+    _fast_loads = None
 
 from ..model import ScanResult, Symbol
 from . import BAD_REPLY, RSPAMD_ERROR, ScannerError
+
+
+def loads(data: bytes) -> object:
+    """``data`` as JSON: by orjson when it is installed, else (and for what orjson refuses:
+    NaN, Infinity, integers past 64 bits, UTF-16) by json.loads, so that both accept the
+    same replies."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(data)
+        except ValueError:
+            pass
+    return json.loads(data)
 
 
 def _number(doc: dict, key: str) -> float:
@@ -26,20 +44,10 @@ def result_from_json(doc: object) -> ScanResult:
     action = doc.get("action")
     if not isinstance(action, str) or not action:
         raise ScannerError("bad JSON from Rspamd: no action", BAD_REPLY)
-    symbols = []
     raw_symbols = doc.get("symbols") or {}
     if not isinstance(raw_symbols, dict):
         raise ScannerError("bad JSON from Rspamd: symbols is not an object", BAD_REPLY)
-    for name, sym in raw_symbols.items():
-        sym = sym if isinstance(sym, dict) else {}
-        score = sym.get("score", 0.0)
-        options = sym.get("options") or ()
-        symbols.append(Symbol(
-            name=str(name),
-            score=float(score) if isinstance(score, (int, float)) else 0.0,
-            options=tuple(str(o) for o in options) if isinstance(options, list) else (),
-            description=sym.get("description") if isinstance(sym.get("description"), str) else None,
-        ))
+    symbols = [_symbol(name, sym) for name, sym in raw_symbols.items()]
     raw_messages = doc.get("messages") or {}
     if isinstance(raw_messages, dict):
         messages = tuple((str(k), str(v)) for k, v in raw_messages.items())
@@ -59,6 +67,19 @@ def result_from_json(doc: object) -> ScanResult:
         add_headers=_milter_headers(doc.get("milter")),
         raw=doc,
     )
+
+
+def _symbol(name: object, sym: object) -> Symbol:
+    """One entry of ``symbols`` (a value that is not an object: a symbol with no score)."""
+    if type(sym) is not dict:
+        return Symbol(str(name))
+    score = sym.get("score", 0.0)
+    options = sym.get("options")
+    description = sym.get("description")
+    return Symbol(str(name),
+                  float(score) if isinstance(score, (int, float)) else 0.0,
+                  tuple(map(str, options)) if type(options) is list else (),
+                  description if type(description) is str else None)
 
 
 def _milter_headers(milter: object) -> tuple[tuple[str, str], ...]:
