@@ -27,6 +27,10 @@ after, under the same load.
 straight to Rspamd's socket, "shim unix" to the shim's socket, which scans over Rspamd's
 (``rspamd.url = "unix:..."``).
 
+``--floor``: one more path, bench/bare_relay.py -- a relay that does only the I/O a shim
+must do (accept, read, POST to the upstream, read to EOF, answer, close), on the same
+event loop: its CPU per message is the floor under any asyncio shim on this machine.
+
 ``--upstream canned``: in Rspamd's place a canned /checkv2 responder (a process of its own,
 answering "no action" at once, and the legacy protocol for the direct path), so the shim's
 own CPU is what limits the throughput, not Rspamd's one worker; "direct" then measures the
@@ -42,6 +46,7 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -264,6 +269,31 @@ class CannedLab:
         os.waitpid(self.pid, 0)
 
 
+class BareRelay:
+    """bench/bare_relay.py as a process, in the shims' place in the rounds."""
+
+    metrics_port = None
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc, self.port = proc, port
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_bare_relay(upstream_port: int, workdir: str) -> BareRelay:
+    port_file = os.path.join(workdir, "bare-relay.port")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_relay.py")),
+                             str(upstream_port), port_file], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(port_file):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("bench/bare_relay.py did not start")
+        time.sleep(0.05)
+    return BareRelay(proc, int(Path(port_file).read_text()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=2000, help="per path, over all rounds")
@@ -284,6 +314,8 @@ def main() -> int:
     ap.add_argument("--unix", action="store_true",
                     help="also both hops over unix sockets: a path straight to Rspamd's "
                          "socket, and a shim listening on one and scanning over Rspamd's")
+    ap.add_argument("--floor", action="store_true",
+                    help="also the bare relay (bench/bare_relay.py): the I/O alone")
     ap.add_argument("--upstream", choices=("rspamd", "canned"), default="rspamd",
                     help="what the shim scans with: the lab's Rspamd, or a canned responder")
     args = ap.parse_args()
@@ -327,6 +359,10 @@ def main() -> int:
         address["direct"] = upstream.port
         if args.unix:
             address["direct unix"] = str(upstream.socket_path)
+        relay = start_bare_relay(upstream.port, workdir) if args.floor else None
+        if relay is not None:
+            shims["bare relay"] = relay
+            address["bare relay"] = relay.port
         idle = [socket.create_connection(("127.0.0.1", shim.port)) for _ in range(args.idle)]
         for sock in idle[::2]:
             sock.sendall(b"C")
