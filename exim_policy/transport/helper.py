@@ -116,13 +116,15 @@ class _QueryConnection(asyncio.Protocol):
             return  # answered already; ignore the rest
         self.buffer += data
         if b"\n" in self.buffer:
-            self._reply(self.buffer.split(b"\n", 1)[0])
+            line = self.buffer.split(b"\n", 1)[0]
+            # too long however it was segmented (not only when a segment had no newline)
+            self._reply(line if len(line) <= MAX_LINE else None)
         elif len(self.buffer) > MAX_LINE:
             self._reply(None)
 
     def eof_received(self) -> bool:
         if self.timer is not None:
-            self._reply(self.buffer)
+            self._reply(self.buffer if len(self.buffer) <= MAX_LINE else None)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

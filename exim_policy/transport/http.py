@@ -28,8 +28,8 @@ from ..protocol.checkv2 import (CHECK_PATH, CLOSED, CODEC, METRICS_PATH, PING_PA
                                 CheckV2Connection, Reply)
 from ..protocol.codec import Codec
 from ..protocol.parser import NEED_DATA
-from .limits import BudgetWait, Limits
-from .listeners import StreamServer
+from .limits import Limits
+from .listeners import Connection, StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +66,23 @@ class HttpServer(StreamServer):
             conn.stopping()  # type: ignore[attr-defined]
 
 
-class _HttpConnection(asyncio.Protocol):
+class _HttpConnection(Connection):
+    kind = "HTTP connection"
+    request_name = "an HTTP request"
+    budget_answer = "503"
+
     def __init__(self, server: HttpServer) -> None:
-        self.server = server
-        self.config = server.config
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport
-        self.peer: object = None
+        super().__init__(server)
+        self.server: HttpServer = server
         self.codec: CheckV2Connection | None = None
         #: bytes of the current request have arrived (a request is under way)
         self.started = False
         self.busy = False  # a request is being answered
-        self.reserved = 0
-        self.budget_wait: BudgetWait | None = None
         self.waiting: bytes = b""  # arrived, not yet fed: waits for budget
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
 
     # ------------------------------------------------------------- asyncio events --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.peer = transport.get_extra_info("peername")
-        if not self.server.admit(self, transport, self.peer):
+        if not self.admitted(transport):
             return
         self.codec = CheckV2Connection(max_header_bytes=MAX_HEADER_BYTES,
                                        max_body_bytes=self.config.max_message_size,
@@ -106,13 +101,8 @@ class _HttpConnection(asyncio.Protocol):
             self._feed(data)
             return
         self.waiting = data
-        self.transport.pause_reading()
-        self._cancel_timer()
         amount = min(len(data), budget.capacity)
-        self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
-        if self.server.metrics is not None:
-            self.server.metrics.limit_wait("max_bytes_in_flight")
-        self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
+        self.wait_for_budget(amount, lambda: self._budget_granted(amount))
 
     def eof_received(self) -> bool:
         if self.codec is not None and not self.busy:
@@ -120,27 +110,13 @@ class _HttpConnection(asyncio.Protocol):
         return True  # answer a request that ended with the client's half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
         self.codec = None
-        if self.budget_wait is not None:
-            self.budget_wait.cancel()
-            self.budget_wait = None
-            self.server.limits.budget.grant()
-        self._give_back()
-        self.server.closed(self)
+        super().connection_lost(exc)
 
     def shed(self) -> None:
         """The connection table needs this place: this connection is idle or sending."""
-        if self.server.metrics is not None:
-            self.server.metrics.shed(self.server.name)
-        if self.started:
-            self.server.shed.hit(self.loop.time(), "closed the HTTP connection from %s that "
-                                 "had been sending its request longest, to make room "
-                                 "(server.max_connections = %d)", self.peer,
-                                 self.config.max_connections)
         self.codec = None
-        self._cancel_timer()
-        self.transport.abort()
+        self.shed_now(sending=self.started)
 
     def stopping(self) -> None:
         """The server stops: an idle keep-alive connection ends now, a busy one after its
@@ -166,7 +142,7 @@ class _HttpConnection(asyncio.Protocol):
         if event is NEED_DATA:
             self._arm_read_timer()
             return
-        self._cancel_timer()
+        self.cancel_timer()
         if event is CLOSED:
             self.codec = None
             self.transport.close()
@@ -202,7 +178,7 @@ class _HttpConnection(asyncio.Protocol):
         self.transport.write(codec.send_reply(reply, close=self.server.closing))
         self.busy = False
         self.started = False
-        self._give_back()
+        self.give_back()
         if not codec.keep_alive:
             self.codec = None
             self.transport.close()  # flushes the reply first
@@ -226,40 +202,22 @@ class _HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ budget --
     def _budget_granted(self, amount: int) -> None:
         self.budget_wait = None
-        self._cancel_timer()
+        self.cancel_timer()
         data, self.waiting = self.waiting, b""
         self.reserved += amount
         if self.codec is None:
-            self._give_back()
+            self.give_back()
             return
         self.transport.resume_reading()
         self._feed(data)
 
-    def _budget_expired(self) -> None:
-        self.timer = None
-        if self.budget_wait is None:
-            return
-        self.budget_wait.cancel()
-        self.budget_wait = None
-        self.server.limits.budget.grant()
-        budget = self.server.limits.budget
-        self.server.budget_timeouts.hit(
-            self.loop.time(), "no room for an HTTP request's body within %gs: %d of %d bytes "
-            "held (server.max_bytes_in_flight); answered 503", self.config.queue_timeout,
-            budget.used, budget.capacity)
-        if self.server.metrics is not None:
-            self.server.metrics.limit_timeout("max_bytes_in_flight")
+    def budget_expired(self) -> None:
         self._fail(ProtocolError(HTTPStatus.SERVICE_UNAVAILABLE, "too many bytes in flight, try "
                                              "again later"), quiet=True)
 
-    def _give_back(self) -> None:
-        if self.reserved:
-            self.server.limits.budget.give_back(self.reserved)
-            self.reserved = 0
-
     # ------------------------------------------------------------------ timers --
     def _arm_read_timer(self) -> None:
-        self._cancel_timer()
+        self.cancel_timer()
         delay = self.config.read_timeout
         if self.started:
             delay = min(delay, self.deadline - self.loop.time())
@@ -279,8 +237,3 @@ class _HttpConnection(asyncio.Protocol):
         else:
             why = f"no data for {self.config.read_timeout:g}s"
         self._fail(ProtocolError(HTTPStatus.REQUEST_TIMEOUT, why))
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None

@@ -2,9 +2,9 @@
 :class:`StreamServer`, what the spamd and HTTP listeners share besides: the per-daemon
 limits, the tallies of refused connections, and a graceful stop.
 
-A :class:`StreamServer` subclass names its addresses and its connection class; a
-connection asks :meth:`StreamServer.admit` from ``connection_made`` and calls
-:meth:`StreamServer.closed` from ``connection_lost``. ``stop()`` stops accepting and lets
+A :class:`StreamServer` subclass names its addresses and its connection class, a
+:class:`Connection`: that asks :meth:`StreamServer.admit` from ``connection_made`` and
+calls :meth:`StreamServer.closed` from ``connection_lost``. ``stop()`` stops accepting and lets
 every open connection finish: requests still arriving are read, scanned and answered
 within the grace period.
 
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from ..config import ListenAddress, ServerConfig
 from ..networks import network_of
 from ..tally import Tally
-from .limits import Limits
+from .limits import BudgetWait, Limits
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -243,3 +243,95 @@ class StreamServer:
         self.limits.connections.forget(conn)  # type: ignore[arg-type]
         if self._drained is not None and not self._connections:
             self._drained.set()
+
+
+class Connection(asyncio.Protocol):
+    """What a connection of either listener shares: its admission, its one timer, the
+    bytes of the shared body budget it holds (and its place in the queue for more), what
+    being shed or waiting too long for the budget logs and counts, and the bookkeeping
+    when it closes. A subclass reads requests; it drops its parser before calling
+    :meth:`connection_lost` here."""
+
+    #: in the log lines: what it is, what it reads, and its answer when the budget is full
+    kind = "connection"
+    request_name = "a request"
+    budget_answer = "with a temporary failure"
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport
+        self.peer: object = None
+        self.reserved = 0  # bytes of the shared budget this connection holds
+        self.budget_wait: BudgetWait | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+
+    def admitted(self, transport: asyncio.BaseTransport) -> bool:
+        """``connection_made``'s first step: False when the connection was refused (and
+        aborted)."""
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        return self.server.admit(self, transport, self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_timer()
+        if self.budget_wait is not None:
+            self.budget_wait.cancel()
+            self.budget_wait = None
+            self.server.limits.budget.grant()  # the waiters behind us may fit now
+        self.give_back()
+        self.server.closed(self)
+
+    def give_back(self) -> None:
+        if self.reserved:
+            self.server.limits.budget.give_back(self.reserved)
+            self.reserved = 0
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def shed_now(self, sending: bool) -> None:
+        """Close at once for the connection table; ``sending``: a request was under way
+        (an idle keep-alive connection goes without a log line)."""
+        if self.server.metrics is not None:
+            self.server.metrics.shed(self.server.name)
+        if sending:
+            self.server.shed.hit(self.loop.time(), f"closed the {self.kind} from %s that had "
+                                 "been sending its request longest, to make room (server."
+                                 "max_connections = %d)", self.peer, self.config.max_connections)
+        self.cancel_timer()
+        self.transport.abort()
+
+    def wait_for_budget(self, amount: int, granted: Callable[[], None]) -> None:
+        """No room for ``amount`` body bytes now: reading pauses, ``granted()`` once they
+        are reserved, :meth:`budget_expired` after ``queue_timeout``."""
+        self.budget_wait = self.server.limits.budget.wait(amount, granted)
+        if self.server.metrics is not None:
+            self.server.metrics.limit_wait("max_bytes_in_flight")
+        self.transport.pause_reading()
+        self.cancel_timer()
+        self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_timer)
+
+    def _budget_timer(self) -> None:
+        self.timer = None
+        if self.budget_wait is None:
+            return
+        self.budget_wait.cancel()
+        self.budget_wait = None
+        budget = self.server.limits.budget
+        budget.grant()
+        self.server.budget_timeouts.hit(
+            self.loop.time(), f"no room for {self.request_name}'s body within %gs: %d of %d "
+            f"bytes held (server.max_bytes_in_flight); answered {self.budget_answer}",
+            self.config.queue_timeout, budget.used, budget.capacity)
+        if self.server.metrics is not None:
+            self.server.metrics.limit_timeout("max_bytes_in_flight")
+        self.budget_expired()
+
+    def budget_expired(self) -> None:
+        """No room came within ``queue_timeout`` (logged and counted): answer and close."""
+        raise NotImplementedError

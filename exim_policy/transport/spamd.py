@@ -25,8 +25,8 @@ from ..model import ProtocolError, Request
 from ..protocol import rspamc, spamc
 from ..protocol.codec import Codec
 from ..protocol.parser import NEED_DATA, RequestParser
-from .limits import BudgetWait, Limits
-from .listeners import StreamServer
+from .limits import Limits
+from .listeners import Connection, StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +48,17 @@ class SpamdServer(StreamServer):
         return _Connection(self)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(Connection):
     """One client connection: one request, one reply, close."""
 
     def __init__(self, server: SpamdServer) -> None:
-        self.server = server
-        self.config = server.config
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport
-        self.peer: object = None
+        super().__init__(server)
         self.parser: RequestParser | None = None
         self.received = False
-        self.reserved = 0  # bytes of the shared budget this connection holds
-        self.budget_wait: BudgetWait | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
 
     # ------------------------------------------------------------- asyncio events --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.peer = transport.get_extra_info("peername")
-        if not self.server.admit(self, transport, self.peer):
+        if not self.admitted(transport):
             return
         self.parser = RequestParser(max_header_bytes=MAX_HEADER_BYTES,
                                     max_body_bytes=self.config.max_message_size,
@@ -90,46 +80,26 @@ class _Connection(asyncio.Protocol):
         return True  # keep the write side open: the SA variant half-closes, then reads
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
         self.parser = None
-        if self.budget_wait is not None:
-            self.budget_wait.cancel()
-            self.budget_wait = None
-            self.server.limits.budget.grant()  # the waiters behind us may fit now
-        if self.reserved:
-            self.server.limits.budget.give_back(self.reserved)
-            self.reserved = 0
-        self.server.closed(self)
+        super().connection_lost(exc)
 
     def shed(self) -> None:
         """The connection table needs this connection's place: it is still sending."""
-        if self.server.metrics is not None:
-            self.server.metrics.shed(self.server.name)
-        self.server.shed.hit(self.loop.time(), "closed the connection from %s that had been "
-                             "sending its request longest, to make room (server."
-                             "max_connections = %d)", self.peer, self.config.max_connections)
         self.parser = None
-        self._cancel_timer()
-        self.transport.abort()
+        self.shed_now(sending=True)
 
     # -------------------------------------------------------------- body budget --
     def _reserve(self, amount: int) -> bool:
         """The parser is about to hold ``amount`` body bytes: reserve them, or queue."""
-        budget = self.server.limits.budget
-        if budget.take(amount):
+        if self.server.limits.budget.take(amount):
             self.reserved += amount
             return True
-        self.budget_wait = budget.wait(amount, lambda: self._budget_granted(amount))
-        if self.server.metrics is not None:
-            self.server.metrics.limit_wait("max_bytes_in_flight")
-        self.transport.pause_reading()
-        self._cancel_timer()
-        self.timer = self.loop.call_later(self.config.queue_timeout, self._budget_expired)
+        self.wait_for_budget(amount, lambda: self._budget_granted(amount))
         return False
 
     def _budget_granted(self, amount: int) -> None:
         self.budget_wait = None
-        self._cancel_timer()
+        self.cancel_timer()
         if self.parser is None:  # shed or timed out meanwhile: hand the bytes on
             self.server.limits.budget.give_back(amount)
             return
@@ -139,20 +109,7 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         self._advance()
 
-    def _budget_expired(self) -> None:
-        self.timer = None
-        if self.budget_wait is None:
-            return
-        self.budget_wait.cancel()
-        self.budget_wait = None
-        self.server.limits.budget.grant()
-        budget = self.server.limits.budget
-        self.server.budget_timeouts.hit(
-            self.loop.time(), "no room for a request's body within %gs: %d of %d bytes held "
-            "(server.max_bytes_in_flight); answered with a temporary failure",
-            self.config.queue_timeout, budget.used, budget.capacity)
-        if self.server.metrics is not None:
-            self.server.metrics.limit_timeout("max_bytes_in_flight")
+    def budget_expired(self) -> None:
         self.parser = None
         self._fail(ProtocolError(spamc.EX_TEMPFAIL, "Service Unavailable: too many bytes in "
                                               "flight, try again later"), counted=False)
@@ -166,7 +123,7 @@ class _Connection(asyncio.Protocol):
         if event is NEED_DATA:
             self._arm_read_timer()
             return
-        self._cancel_timer()
+        self.cancel_timer()
         self.parser = None  # one request per connection: later bytes are not ours
         self.server.limits.connections.read_done(self)
         self.transport.pause_reading()
@@ -202,7 +159,7 @@ class _Connection(asyncio.Protocol):
 
     # --------------------------------------------------------------------- timers --
     def _arm_read_timer(self) -> None:
-        self._cancel_timer()
+        self.cancel_timer()
         delay = min(self.config.read_timeout, self.deadline - self.loop.time())
         self.timer = self.loop.call_later(max(delay, 0.0), self._read_expired)
 
@@ -221,8 +178,3 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         self._fail(ProtocolError(spamc.EX_TIMEOUT, why))
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
