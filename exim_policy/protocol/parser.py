@@ -175,6 +175,11 @@ class RequestParser:
         return self._event if self._event is not None else NEED_DATA
 
     @property
+    def body_progress(self) -> tuple[int, int | None]:
+        """(body bytes received so far, the declared ``Content-length`` or None)."""
+        return (self._filled if self._length is not None else len(self._body)), self._length
+
+    @property
     def held(self) -> bool:
         """True while ``reserve`` refused room and :meth:`resume` was not called yet."""
         return self._state is _State.HELD

@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP
 from ..config import Config
 from ..protocol.smtp_data import DataDecoder
 from ..state.thread import StoreThread
+from ..tally import Tally
 from ..transport.listeners import client_allowed, start_listeners
 from .evidence import from_fields
 from .headers import HeaderSplitter, decoded, first
@@ -38,7 +39,8 @@ log = logging.getLogger("exim_policy.quarantine")
 # aiosmtpd logs every connection at INFO; our own lines say what matters
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
-#: open SMTP sessions at once; more get 421 (Exim tries again later)
+#: open SMTP sessions at once; when full, the one silent longest is closed to make room
+#: (one storing a message never is); when none can be, 421 (Exim tries again later)
 MAX_SESSIONS = 200
 #: bytes written to the file per thread call
 WRITE_CHUNK = 256 * 1024
@@ -59,8 +61,47 @@ class QuarantineReceiver:
         self.store = store
         self.incident_of = incident_of
         self.thread = StoreThread("quarantine")
-        self.sessions = 0
+        #: open sessions, the one silent longest first (a command or a DATA chunk moves a
+        #: session to the end)
+        self._open: dict[_Session, None] = {}
+        self.shed = Tally(log, logging.WARNING)
+        self.refused = Tally(log, logging.WARNING)
+        self.not_allowed = Tally(log, logging.WARNING)
         self._servers: list[asyncio.AbstractServer] = []
+
+    @property
+    def sessions(self) -> int:
+        return len(self._open)
+
+    def admit(self, session: _Session, allowed: bool) -> bool:
+        """Take ``session`` in; when MAX_SESSIONS are open, close the session silent
+        longest to make room, so that silent or slow clients cannot shut the MTAs out for
+        IDLE_TIMEOUT. A client outside ``allowed_clients`` (refused at MAIL anyway) makes
+        no room. False: no room, refuse it."""
+        if len(self._open) >= MAX_SESSIONS:
+            now = time.monotonic()
+            victim = next((s for s in self._open if not s.committing), None) \
+                if allowed else None
+            if victim is None:
+                self.refused.hit(now, "quarantine: refused a connection from %s: %d sessions "
+                                 "open%s", _peer(session.session.peer), MAX_SESSIONS,
+                                 "" if allowed else " (not in quarantine.allowed_clients)")
+                return False
+            self.forget(victim)
+            self.shed.hit(now, "quarantine: closed the session from %s that had been silent "
+                          "longest, to make room (%d sessions at most)",
+                          _peer(victim.session.peer), MAX_SESSIONS)
+            victim.shed()
+        self._open[session] = None
+        return True
+
+    def touch(self, session: _Session) -> None:
+        """``session`` said something: it is now the one silent for the shortest time."""
+        if self._open.pop(session, False) is None:
+            self._open[session] = None
+
+    def forget(self, session: _Session) -> None:
+        self._open.pop(session, None)
 
     async def start(self) -> None:
         self._servers = await start_listeners(self.config.quarantine.listen, self._session)
@@ -93,8 +134,9 @@ class _Handler:
     async def handle_MAIL(self, server, session, envelope, address, options):
         quarantine = self.receiver.config.quarantine
         if not client_allowed(session.peer, quarantine.allowed_clients):
-            log.warning("quarantine: refused %s: not in quarantine.allowed_clients",
-                        session.peer[0] if isinstance(session.peer, tuple) else session.peer)
+            # one line, then a count: an outsider at full speed must not flood the log
+            self.receiver.not_allowed.hit(time.monotonic(), "quarantine: refused %s: not in "
+                                          "quarantine.allowed_clients", _peer(session.peer))
             return "550 5.7.1 not allowed to deliver into this quarantine"
         free = await self.receiver.thread.call(self.receiver.store.free_bytes)
         if free < quarantine.min_free_bytes:
@@ -116,24 +158,43 @@ class _Session(SMTP):
     #: aiosmtpd sizes its StreamReader by this; DATA reads chunks up to it
     line_length_limit = 256 * 1024
 
+    #: the end marker is in and the message is being stored: never shed
+    committing = False
+
     def __init__(self, receiver: QuarantineReceiver, handler: _Handler, **kwargs) -> None:
         super().__init__(handler, **kwargs)
         self.receiver = receiver
-        self._counted = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.receiver.sessions += 1
-        self._counted = True
-        if self.receiver.sessions > MAX_SESSIONS:
+        allowed = client_allowed(self.session.peer,
+                                 self.receiver.config.quarantine.allowed_clients)
+        if not self.receiver.admit(self, allowed):
             transport.write(b"421 4.3.2 too many connections, try again later\r\n")
             transport.close()
 
     def connection_lost(self, error) -> None:
-        if self._counted:
-            self.receiver.sessions -= 1
-            self._counted = False
+        self.receiver.forget(self)
         super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls it for every command, and _read_chunk for every DATA chunk
+        super()._reset_timeout(duration)
+        self.receiver.touch(self)
+
+    def shed(self) -> None:
+        """Make room for a new session (the receiver has forgotten this one)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"421 4.3.2 too many connections, closing an idle one\r\n")
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        """The client closed: the session ends (aiosmtpd cancels its handler). Close our
+        side too: aiosmtpd leaves that to the handler, and under uvloop a connection that
+        closed before its handler first ran (a port probe accepted late) would stay half
+        open, holding one of the MAX_SESSIONS, until IDLE_TIMEOUT."""
+        super().eof_received()
+        return False
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -152,6 +213,8 @@ class _Session(SMTP):
                                         peer)
         except ConnectionError:
             return
+        finally:
+            self.committing = False
         self._set_post_data_state()
         await self.push(reply)
 
@@ -160,6 +223,7 @@ class _Session(SMTP):
         thread = receiver.thread
         tmp_path = receiver.store.temp_path()
         failure, stored, digest, fields = await self._spool(tmp_path)
+        self.committing = True
         if failure:
             await thread.call(_discard, tmp_path, None)
             log.error("quarantine: message from <%s> not kept: %s", sender, failure)
@@ -248,6 +312,10 @@ class _Session(SMTP):
             log.error("quarantine: cannot write %s: %s", self.receiver.store.tmp, exc)
             return "452 4.3.1 quarantine cannot write the message, try again later"
         return ""
+
+
+def _peer(peer) -> str:
+    return peer[0] if isinstance(peer, tuple) else "a unix socket"
 
 
 def _discard(path, fh) -> None:

@@ -168,12 +168,18 @@ class StreamServer:
         self.shed = Tally(log, logging.WARNING)
         self.not_allowed = Tally(log, logging.WARNING)
         self.budget_timeouts = Tally(log, logging.ERROR)
+        self.slow_bodies = Tally(log, logging.WARNING)
 
     # what a subclass provides
     addresses: tuple[ListenAddress, ...] = ()
 
     def connection(self) -> asyncio.Protocol:
         raise NotImplementedError
+
+    @property
+    def connections(self) -> frozenset[asyncio.Protocol]:
+        """The open connections, as they are now."""
+        return frozenset(self._connections)
 
     @property
     def sockets(self) -> list[socket.socket]:

@@ -34,6 +34,9 @@ Handler = Callable[[Codec, Request], Awaitable["bytes | None"]]
 #: the codecs of the two protocols this listener's parser tells apart by the request line
 CODECS: dict[str, Codec] = {"rspamc": rspamc.CODEC, "spamc": spamc.CODEC}
 MAX_HEADER_BYTES = 64 * 1024
+#: a body's rate is judged after this long; waiting requests look again this often
+SLOW_GRACE = 0.5
+RECLAIM_EVERY = 0.5
 
 
 class SpamdServer(StreamServer):
@@ -55,6 +58,8 @@ class _Connection(Connection):
         super().__init__(server)
         self.parser: RequestParser | None = None
         self.received = False
+        self.granted_at = 0.0  # when its body's room was reserved
+        self.reclaim_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------- asyncio events --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,6 +86,7 @@ class _Connection(Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.parser = None
+        self._stop_reclaiming()
         super().connection_lost(exc)
 
     def shed(self) -> None:
@@ -89,21 +95,31 @@ class _Connection(Connection):
         self.shed_now(sending=True)
 
     # -------------------------------------------------------------- body budget --
+    # A declared Content-length is reserved whole, at the end of the headers (a burst of
+    # large messages then never deadlocks on half-reserved bodies). Its room must not be
+    # held by a body that trickles in: while a request waits for room, every second, a
+    # holder whose body, at the rate it arrives, cannot be complete before its
+    # request_timeout is closed (it would fail anyway) and its room goes to the waiters.
+    # (The HTTP front reserves bytes as they arrive: a trickle there holds only itself.)
     def _reserve(self, amount: int) -> bool:
         """The parser is about to hold ``amount`` body bytes: reserve them, or queue."""
         if self.server.limits.budget.take(amount):
             self.reserved += amount
+            self.granted_at = self.loop.time()
             return True
         self.wait_for_budget(amount, lambda: self._budget_granted(amount))
+        self._reclaim()
         return False
 
     def _budget_granted(self, amount: int) -> None:
         self.budget_wait = None
         self.cancel_timer()
+        self._stop_reclaiming()
         if self.parser is None:  # shed or timed out meanwhile: hand the bytes on
             self.server.limits.budget.give_back(amount)
             return
         self.reserved += amount
+        self.granted_at = self.loop.time()
         self.parser.resume()
         if not self.transport.is_closing():
             self.transport.resume_reading()
@@ -111,8 +127,51 @@ class _Connection(Connection):
 
     def budget_expired(self) -> None:
         self.parser = None
+        self._stop_reclaiming()
         self._fail(ProtocolError(spamc.EX_TEMPFAIL, "Service Unavailable: too many bytes in "
                                               "flight, try again later"), counted=False)
+
+    def _reclaim(self) -> None:
+        """Close the holders whose bodies are too slow to be complete in time; again every
+        :data:`RECLAIM_EVERY` while this request still waits."""
+        self.reclaim_timer = None
+        if self.budget_wait is None:
+            return
+        now = self.loop.time()
+        for conn in self.server.connections:
+            if isinstance(conn, _Connection) and conn is not self and conn.too_slow(now):
+                conn.give_up_room()
+        self.reclaim_timer = self.loop.call_later(RECLAIM_EVERY, self._reclaim)
+
+    def _stop_reclaiming(self) -> None:
+        if self.reclaim_timer is not None:
+            self.reclaim_timer.cancel()
+            self.reclaim_timer = None
+
+    def too_slow(self, now: float) -> bool:
+        """Holding room for a declared body that, arriving at its rate so far, cannot be
+        complete before this request's deadline (judged after :data:`SLOW_GRACE`)."""
+        parser = self.parser
+        if parser is None or parser.held or not self.reserved:
+            return False
+        elapsed = now - self.granted_at
+        got, length = parser.body_progress
+        if length is None or elapsed < SLOW_GRACE:  # (a body to EOF holds what arrived)
+            return False
+        return got / elapsed * max(self.deadline - now, 0.0) < length - got
+
+    def give_up_room(self) -> None:
+        got, length = self.parser.body_progress if self.parser is not None else (0, 0)
+        self.server.slow_bodies.hit(
+            self.loop.time(), "closed the connection from %s: its body (%d of %d bytes in "
+            "%.0fs) could not be complete within server.request_timeout, and other "
+            "requests wait for its room in server.max_bytes_in_flight", self.peer, got,
+            length or 0, self.loop.time() - self.granted_at)
+        if self.server.metrics is not None:
+            self.server.metrics.shed(self.server.name)
+        self.parser = None
+        self._fail(ProtocolError(spamc.EX_TEMPFAIL, "Service Unavailable: the message arrives "
+                                 "too slowly, try again later"), counted=False)
 
     # ------------------------------------------------------------------- requests --
     def _advance(self) -> None:
