@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ImportError:  # pragma: no cover - the [redis] extra is not installed
     aioredis = None  # type: ignore[assignment]
@@ -233,9 +236,16 @@ class RedisStore:
                               "(pip install 'exim-policy[redis]')")
         self.config = config
         self.prefix = config.redis_prefix
+        # After Redis restarts, each pooled connection is closed on the server side and
+        # fails its next command once, however much later that comes: retry a connection
+        # error once, at once, on a new connection (a store that is down is refused again
+        # at once; timeouts are not retried, a slow store must not hold mail twice as long)
         self.client = aioredis.from_url(url or config.redis_url, socket_timeout=TIMEOUT,
                                         socket_connect_timeout=TIMEOUT,
-                                        health_check_interval=30)
+                                        health_check_interval=30,
+                                        retry=Retry(NoBackoff(), 1,
+                                                    supported_errors=(RedisConnectionError,)),
+                                        retry_on_error=[RedisConnectionError])
         self._state_script = self.client.register_script(_STATE)
         self._record_script = self.client.register_script(_RECORD)
         self._reset_script = self.client.register_script(_RESET)
