@@ -158,10 +158,11 @@ class CheckV2Connection:
             return
         try:
             self._parser.feed_data(data)
-            if self._in_message and not self._in_body:
+            if self._in_message and (not self._in_body or self._in_trailers):
                 # llhttp keeps an unfinished header line to itself: bound it from here (all
                 # of this chunk counts, so a chunk that also held earlier requests
-                # over-counts, which only matters for chunks near the limit)
+                # over-counts, which only matters for chunks near the limit); so are the
+                # trailer fields after a chunked body's last chunk
                 self._unfinished_head += len(data)
                 if self._unfinished_head > self.max_header_bytes:
                     self._fail(431, f"request headers larger than {self.max_header_bytes} "
@@ -224,8 +225,12 @@ class CheckV2Connection:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (a head that came whole in one read is bounded here: receive_data counts only
+        # the reads that end inside it)
+        self._count_head(len(name) + len(value) + 4)
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if name.lower() == b"content-length" and value.isdigit():
             self._length = int(value)
@@ -247,7 +252,13 @@ class CheckV2Connection:
         if self._expect_continue and self._parser.get_http_version() == "1.1":
             self._outgoing += b"HTTP/1.1 100 Continue\r\n\r\n"
 
+    def on_chunk_header(self) -> None:
+        # trailer fields may follow (the last chunk), counted as the head is; a data
+        # chunk's on_body ends that, the end of the message (_start_message) too
+        self._in_trailers, self._unfinished_head = True, 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
         if len(self._body) + len(body) > self.max_body_bytes:
             self._stop_too_large()
         self._body += body
@@ -264,7 +275,9 @@ class CheckV2Connection:
     def _start_message(self) -> None:
         self._in_message = False
         self._in_body = False
+        self._in_trailers = False
         self._unfinished_head = 0
+        self._head_bytes = 0  # of the URL and the header fields parsed so far
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._length = None
@@ -274,6 +287,11 @@ class CheckV2Connection:
     def _stop_too_large(self) -> None:
         self._stop(413, f"message larger than {self.max_body_bytes} bytes "
                         "(server.max_message_size)")
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            self._stop(431, f"request headers larger than {self.max_header_bytes} bytes")
 
     def _stop(self, status: int, text: str) -> None:
         self._fail(status, text)

@@ -22,7 +22,8 @@ from ..state.names import relay_account, user_account
 from .headers import first, lines_of, unfold
 
 _PAIR = re.compile(r'\s*([a-z_]+)=("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
-_SYMBOL = re.compile(r"^Symbol: ([^(\s]+)\((-?[0-9.]+)\)")
+#: (a number float() reads: "1.5.0" or "." is not a score)
+_SYMBOL = re.compile(r"^Symbol: ([^(\s]+)\((-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\)")
 _INCIDENT = re.compile(r"\bincident (\d+)\b")
 _ESCAPES = {"n": "\n", "r": "\r"}
 

@@ -8,6 +8,7 @@ fields: they carry the evidence to the index, and a released message must not sh
 """
 from __future__ import annotations
 
+import email.errors
 import email.header
 import re
 
@@ -18,6 +19,7 @@ MAX_HEADER_BYTES = 1024 * 1024
 OURS = b"x-exim-policy-"
 
 _LINE_END = re.compile(r"\r?\n")
+_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 
 
 class HeaderSplitter:
@@ -64,17 +66,17 @@ def _header_end(held: bytearray) -> int:
     """Offset of the empty line that ends the header block (kept with the body), or -1."""
     if held.startswith(b"\r\n") or held.startswith(b"\n"):
         return 0
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        at = held.find(sep)
-        if at >= 0:
-            return at + len(sep) // 2
-    return -1
+    # the first of either: which one a segment holds must not decide where the block ends
+    ends = [at + len(sep) // 2 for sep in (b"\r\n\r\n", b"\n\n") if (at := held.find(sep)) >= 0]
+    return min(ends, default=-1)
 
 
 def _fields(head: bytes) -> list[bytes]:
     """The header block cut into fields, each with its continuation lines and line ends."""
     fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
+    # LF ends a line, as in Exim: a bare CR is a byte of the field (splitlines() cut there:
+    # "X-A: a\rX-Exim-Policy-...: forged" became a field of ours)
+    for line in _LINE.findall(head):
         if fields and line[:1] in (b" ", b"\t"):
             fields[-1] += line
         else:
@@ -102,7 +104,8 @@ def decoded(value: bytes) -> str:
     text = unfold(value)
     try:
         text = str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
+        # (MessageError: a bad base64 word, a charset name that is not ASCII)
         pass
     return printable(text)
 
