@@ -33,8 +33,9 @@ def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
             return fh.read()
-    except OSError as exc:
-        raise ForwardingSourceError(path, exc.strerror or str(exc)) from None
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in an :include: path)
+        raise ForwardingSourceError(path, exc.strerror if isinstance(exc, OSError)
+                                    and exc.strerror else str(exc)) from None
 
 
 def read_text(path: str, raw: bytes | None = None, first: int = 0) -> str:

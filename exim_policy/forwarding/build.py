@@ -6,6 +6,7 @@ a build would write with the files (``build --check``).  An error in any source 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -74,36 +75,41 @@ def local_domains(config: ForwardingConfig, warn=None) -> frozenset[str]:
     return frozenset(domains)
 
 
-def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
-    """Read all sources and build the graph (``detail=True`` for explain)."""
+@contextlib.contextmanager
+def _collector_paused():
     # A build creates millions of strings, ints and lists and frees none of them until it
     # is done; none of them form cycles.  With the collector on, every few thousand
-    # allocations it rescans the ever-growing heap (seconds at a million aliases).
+    # allocations it rescans the ever-growing heap (seconds at a million aliases), and the
+    # first collection once it is back on goes over all of the graph (half a second).
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        warn = Warnings()
-        local = local_domains(config, warn)
-        if not config.sources:
-            warn("forwarding.sources is empty: the map will be empty")
-        sources = []
-        for i, source in enumerate(config.sources):
-            if source.domain and source.domain.lower() not in local:
-                raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is "
-                                      "not a local domain")
-            options = dict(domain=source.domain, case_sensitive=config.case_sensitive_local_parts,
-                           detail=detail, warn=warn)
-            if source.type == "lsearch":
-                sources.append(lsearch.read(source.path, local, **options))
-            elif source.type == "sqlite":
-                sources.append(sqlite_source.read(source.path, source.query, local, **options))
-            else:
-                raise ForwardingError(f"{source.path}: unknown source type {source.type!r}")
-        return ForwardingGraph(sources, local, case_sensitive=config.case_sensitive_local_parts,
-                               detail=detail, warn=warn)
+        yield
     finally:
         if was_enabled:
             gc.enable()
+
+
+@_collector_paused()
+def load_graph(config: ForwardingConfig, *, detail: bool = False) -> ForwardingGraph:
+    """Read all sources and build the graph (``detail=True`` for explain)."""
+    warn = Warnings()
+    local = local_domains(config, warn)
+    if not config.sources:
+        warn("forwarding.sources is empty: the map will be empty")
+    sources, sensitive = [], config.case_sensitive_local_parts
+    for i, source in enumerate(config.sources):
+        if source.domain and source.domain.lower() not in local:
+            raise ForwardingError(f"forwarding.sources[{i}].domain: {source.domain!r} is "
+                                  "not a local domain")
+        options = dict(domain=source.domain, case_sensitive=sensitive, detail=detail, warn=warn)
+        if source.type == "lsearch":
+            sources.append(lsearch.read(source.path, local, **options))
+        elif source.type == "sqlite":
+            sources.append(sqlite_source.read(source.path, source.query, local, **options))
+        else:
+            raise ForwardingError(f"{source.path}: unknown source type {source.type!r}")
+    return ForwardingGraph(sources, local, case_sensitive=sensitive, detail=detail, warn=warn)
 
 
 def _outputs(config: ForwardingConfig, data: MapData) -> list[tuple[str, str]]:
@@ -113,6 +119,7 @@ def _outputs(config: ForwardingConfig, data: MapData) -> list[tuple[str, str]]:
     return outputs
 
 
+@_collector_paused()  # (until the graph is freed)
 def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> BuildResult:
     """Build and write the map(s); files whose entries are unchanged are left alone."""
     started = time.monotonic()
@@ -133,6 +140,7 @@ def build_map(config: ForwardingConfig, *, now: datetime | None = None) -> Build
         warning_count=data.warning_count, seconds=time.monotonic() - started)
 
 
+@_collector_paused()
 def check_map(config: ForwardingConfig) -> CheckResult:
     """Compare what a build would write with the files on disk; writes nothing."""
     data = load_graph(config).map_data()

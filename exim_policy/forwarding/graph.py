@@ -173,8 +173,7 @@ def reach(preds: list[list[int]], seeds) -> bytearray:
     0/1 mask of the nodes that reach a seed."""
     seen = frontier = set(seeds)
     while frontier:
-        frontier = set(chain.from_iterable(map(preds.__getitem__, frontier)))
-        frontier -= seen
+        frontier = set(chain.from_iterable(map(preds.__getitem__, frontier))) - seen
         seen |= frontier
     reached = bytearray(len(preds))
     collections.deque(map(reached.__setitem__, seen, repeat(1)), maxlen=0)
@@ -274,13 +273,10 @@ class ForwardingGraph:
             ids.update(zip(reversed(keys), reversed(lists), strict=False))
             ids.pop("", None)
             if len(ids) - before == n - len(dead):  # (no key twice)
-                for u in dead:
-                    self._kind[u] = DEAD
+                collections.deque(map(self._kind.__setitem__, dead, repeat(DEAD)), maxlen=0)
                 return enode
         enode, seen = list(enode), set()
-        for i, name in enumerate(keys):
-            if not name:
-                continue
+        for i, name in compress(enumerate(keys), keys):  # (the entries with a key)
             u = ids.setdefault(name, lists[i])[0]
             if source.first_wins and (name in seen or base <= u < base + i):
                 self.aliases -= 1
@@ -329,8 +325,7 @@ class ForwardingGraph:
             self._resolve(targets, entries if same else list(map(enode.__getitem__, entries)),
                           list(map(operator.add, entries, repeat((s << 32) + 1)))
                           if self.detail else ())
-        # (detail only)
-        for text, entry in zip(source.end_targets, source.end_owners, strict=False):
+        for text, entry in zip(source.end_targets, source.end_owners, strict=False):  # (detail)
             self._edges((enode[entry],), (self._preds[self._new([text], END, False)],),
                         ((s << 32) + entry + 1,))
 
@@ -365,12 +360,11 @@ class ForwardingGraph:
         domain resolves through that wildcard (``lsearch*@``: exact key first)."""
         if not self._cover:
             return
-        covered = list(compress(range(len(self._names)), map(self._cover.__contains__, _domains(
-            self._names))))
-        self._covered = covered = list(compress(covered, map(  # (LOCAL is 0)
-            operator.not_, map(self._kind.__getitem__, covered))))
-        self._covered_domains = domains = list(map({d: d for d in self._cover}.__getitem__,
-                                                   _domains(map(self._names.__getitem__, covered))))
+        canonical = {d: d for d in self._cover}
+        domains = list(map(canonical.get, _domains(self._names)))  # (None: not covered)
+        mask = list(map(operator.gt, map(bool, domains), self._kind))  # (covered, LOCAL: 0)
+        self._covered = covered = list(compress(range(len(domains)), mask))
+        self._covered_domains = domains = list(compress(domains, mask))
         for s in {s for wildcards in self._cover.values() for s, _w, _e in wildcards}:
             wild = {d: (w, e) for d, rows in self._cover.items() for t, w, e in rows if t == s}
             keys = keyed[s] if isinstance(keyed[s], range) else set(keyed[s])
@@ -393,8 +387,7 @@ class ForwardingGraph:
             mailboxes.update(compress(chunk, map(domains.__contains__, _domains(chunk))))
         names = chain(names, mailboxes)
         out = sorted(set(map(str.lower, names)) if self.case_sensitive else names)
-        joined = "".join(out)
-        if any(map(joined.__contains__, _UNWRITABLE)):  # (rare: only quoted keys have them)
+        if any(map("".join(out).__contains__, _UNWRITABLE)):  # (rare: only quoted keys)
             for address in [a for a in out if not _UNWRITABLE.isdisjoint(a)]:
                 self.warn(f"{address!r} forwards but cannot be written to the map ('#' or "
                           "white space in it)")

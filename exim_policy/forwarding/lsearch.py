@@ -33,12 +33,15 @@ _PLAIN = bytes(range(0x80, 0x100)) + bytes(c for c in range(0x21, 0x7f) if chr(c
     + b".-_+=!$%&'?^`{}~@, \t"
 #: a newline that starts an entry (or a comment): no white space after it
 _ENTRY = re.compile(rb"\n(?=[^ \t\r\v\f])").search
-_INDENTED = re.compile(rb"\n[ \t]").finditer
 _COMMA_BLANKS = re.compile(r"[ \t]*,[ \t]*")
 _KEY_END = re.compile(r"[^: \t\n\r\v\f]*").match
 _KEY_DOMAINS = re.compile(r"@([^\n]*)").findall
-#: in targets joined by commas: an empty local part or domain, an empty domain label
-_BAD_TARGETS = ("@,", "..", ".,", "@.", ",@")
+#: a ``:blackhole:`` item (any case): right after the key's colon, or after a comma
+_BLACKHOLE = re.compile(r"(?:(?<=:)|,)[ \t]*:blackhole:", re.I).search
+#: in ``,targets,`` (dots made commas too): an empty local part, domain or domain label
+#: (and a local part that starts or ends with a dot: redirect.py decides those)
+_BAD_TARGETS = (b"@,", b",,", b",@")
+_DOT_AS_COMMA = bytes.maketrans(b".", b",")
 _NOT_AT_OR_COMMA = bytes(c for c in range(256) if c not in b"@,")
 
 
@@ -50,8 +53,7 @@ def read(path: str, local: frozenset[str], *, domain: str = "", case_sensitive: 
     raw, start = read_bytes(path), 0
     reader = _Reader(Source(path, detail=detail), local, domain.lower(), case_sensitive, warn)
     while start < len(raw):  # (a piece ends where the next entry starts)
-        m = _ENTRY(raw, start + PIECE_BYTES) if start + PIECE_BYTES < len(raw) else None
-        end = m.start() + 1 if m else len(raw)
+        end = m.start() + 1 if (m := _ENTRY(raw, start + PIECE_BYTES)) else len(raw)
         reader.run(raw[start:end])
         start = end
     return reader.src
@@ -68,6 +70,7 @@ class _Reader:
         """Read the next piece of the file (it starts at an entry)."""
         self.first = len(self.src.keys)  # (its first line, 0-based)
         self.general: dict[int, int] = {}  # entries for redirect.py: key line -> last line
+        self.blackholes: dict[int, str] = {}  # key line -> it up to a :blackhole: item
         if b"\r" in raw:
             raw = raw.replace(b"\r\n", b"\n")
         # a plain key line has one colon and nothing else of what _PLAIN leaves (white space
@@ -75,24 +78,18 @@ class _Reader:
         lines = read_text(self.path, raw, self.first).split("\n")
         skeleton = raw.translate(None, _PLAIN).split(b"\n")
         if not lines[-1]:
-            lines.pop()
-            skeleton.pop()
+            del lines[-1], skeleton[-1]
         n = len(lines)
         odd = set(compress(range(n), map(operator.ne, skeleton, repeat(b":"))))
-        if raw[:1] in (b" ", b"\t"):
-            odd.add(0)
-        line = last = 0
-        for m in _INDENTED(raw):  # (lines with one colon that start with white space)
-            line += raw.count(b"\n", last, m.start() + 1)
-            last = m.start() + 1
-            odd.add(line)
+        # (and those with one colon that start with white space: continuations)
+        odd.update(compress(range(n), map(str.startswith, lines, repeat((" ", "\t")))))
         # map builds: lines that would be plain but for pipes and files (plain targets too)
-        stripped = {i: skeleton[i] if self.detail else skeleton[i].translate(None, b"|/")
-                    for i in odd}
+        stripped = {i: skeleton[i].translate(None, b"" if self.detail else b"|/") for i in odd}
         end_keys = self._continuations(lines, skeleton, odd, stripped)
         self.src.keys.extend([""] * n)
         self._plain(lines, range(n), sorted(odd))
         self._plain(lines, sorted(end_keys), [])
+        self._plain(self.blackholes, sorted(self.blackholes), [], blackhole=True)
         for first, last in sorted(self.general.items()):
             self._entry(first, lines[first], lines[first + 1:last + 1])
 
@@ -102,7 +99,8 @@ class _Reader:
         key line's plain continuations are joined to it (one blank for the white space, as
         Exim joins them); any other continuation, or key line, makes its entry redirect.py's
         (``self.general``) -- but for those plain apart from pipes and files (``stripped``:
-        the skeletons without those), whose key lines are returned."""
+        the skeletons without those), whose key lines are returned, and those plain up to a
+        ``:blackhole:`` item (``self.blackholes``: the items before it are checked)."""
         entry, plain = -1, False  # the entry continuation lines extend, and is it plain
         joined: dict[int, list[str]] = {}
         end_keys = set()
@@ -126,10 +124,14 @@ class _Reader:
                     end_keys.discard(entry)
                     odd.add(entry)
                     plain = False
+                self.blackholes.pop(entry, None)
                 self.general[entry] = i
             elif stripped[i] == b":":
                 end_keys.add(i)
                 entry, plain = i, True
+            elif stripped[i] == b":::" and (m := _BLACKHOLE(line, line.find(":") + 1)):
+                self.blackholes[i] = line[:m.start()]
+                entry, plain = i, False
             else:
                 self.general[i] = i
                 entry, plain = i, False
@@ -137,9 +139,9 @@ class _Reader:
             lines[i] = " ".join([lines[i], *more])
         return end_keys
 
-    def _plain(self, lines: list[str], ids, holes: list[int]) -> None:
-        """The plain key lines ``ids`` (a range, but the ``holes``, or a list), in bulk;
-        those that fail a check go to redirect.py."""
+    def _plain(self, lines, ids, holes: list[int], blackhole: bool = False) -> None:
+        """The plain key lines ``ids`` (a range, but the ``holes``, or a list) of ``lines``
+        (a list, or a dict), in bulk; those that fail a check go to redirect.py."""
         if len(holes) == len(ids):
             return
         if isinstance(ids, range):
@@ -149,22 +151,21 @@ class _Reader:
         else:
             part = list(map(lines.__getitem__, ids))
         joined = ":".join(part)
-        if not self.case_sensitive:
-            joined = joined.lower()
-        parts = joined.split(":")
-        if self._bulk(ids, parts[0::2], parts[1::2], holes):
+        parts = (joined if self.case_sensitive else joined.lower()).split(":")
+        if self._bulk(ids, parts[0::2], parts[1::2], holes, blackhole):
             return
         if len(ids) == 1:
             self.general[ids[0]] = ids[0]
             return
         k = len(ids) // 2  # halve the lines until those that fail are found
         h = bisect_left(holes, ids[k])
-        self._plain(lines, ids[:k], holes[:h])
-        self._plain(lines, ids[k:], holes[h:])
+        self._plain(lines, ids[:k], holes[:h], blackhole)
+        self._plain(lines, ids[k:], holes[h:], blackhole)
 
-    def _bulk(self, ids, keys: list[str], datas: list[str], holes) -> bool:
+    def _bulk(self, ids, keys: list[str], datas: list[str], holes, blackhole: bool) -> bool:
         """Keys and targets of the plain lines ``ids`` (but the ``holes``, whose key and
-        data are empty): recorded (True), or nothing (False: a check failed)."""
+        data are empty; ``blackhole``: targets ``:blackhole:``): recorded (True), or nothing
+        (False: a check failed)."""
         n = len(keys) - len(holes)
         kj = "\n".join(keys)
         if " " in kj or "\t" in kj:  # ("key : data")
@@ -190,35 +191,37 @@ class _Reader:
             dj = _COMMA_BLANKS.sub(",", dj)
             if " " in dj or "\t" in dj:  # (inside an address)
                 return False
-        targets = dj.split(",")
         owners = list(chain.from_iterable(map(repeat, map(operator.add, ids, repeat(
             self.first)), counts)))
-        if "" in targets:  # empty items (a trailing comma, no data) are ignored
-            keep = list(map(bool, targets))
-            targets, owners = list(compress(targets, keep)), list(compress(owners, keep))
-            dj = ",".join(targets)
-        # an empty local part or domain, an empty domain label: redirect.py decides (a
-        # local part may have dots anywhere)
-        if dj.startswith("@") or dj.endswith((".", "@")) or any(map(dj.__contains__,
-                                                                     _BAD_TARGETS)):
+        if not dj or ",," in dj or dj[0] == "," or dj[-1] == ",":  # (empty items: ignored)
+            keep = list(map(bool, targets := dj.split(",")))
+            dj, owners = ",".join(compress(targets, keep)), list(compress(owners, keep))
+        # an empty local part, domain or domain label: redirect.py decides (see _BAD_TARGETS)
+        commas = b"," + (encoded := dj.encode()).translate(_DOT_AS_COMMA) + b","
+        if dj and any(map(commas.__contains__, _BAD_TARGETS)):
             return False
-        # one "@" in each target (the usual case), or the targets without one are bare
-        ats = dj.encode().translate(None, _NOT_AT_OR_COMMA)
-        bare = None if ats == b"@," * (len(targets) - 1) + b"@" else \
+        # one "@" in each target (usual: they stay joined, for the graph), or some are bare
+        ats = encoded.translate(None, _NOT_AT_OR_COMMA)
+        one_at = ats == b"@," * (len(owners) - 1) + b"@"
+        targets = [] if one_at and not self.case_sensitive else dj.split(",") if dj else []
+        bare = None if one_at else \
             list(map(operator.not_, map(operator.contains, targets, repeat("@"))))
         if bare is not None and ats.count(b"@") != len(targets) - sum(bare):
             return False
         if self.case_sensitive:
             keys, targets = _fold(keys), _fold(targets)
             dj = ",".join(targets)
-        # -- checked: record them
-        src = self.src
+        src = self.src  # -- checked: record them
         if isinstance(ids, range):
             src.keys[self.first + ids.start:self.first + ids.stop] = keys
         else:
             for i, k in zip(ids, keys, strict=False):
                 src.keys[self.first + i] = k
-        src.count += len(targets)
+        if blackhole:  # (each list is thrown away: the marker is its one target)
+            for i in ids:
+                src.add(self.first + i, [":blackhole:"], self.local)
+            return True
+        src.count += len(owners)
         if bare is None:
             src.chunks.append((dj, owners))
             return True
@@ -237,22 +240,20 @@ class _Reader:
 
     def _entry(self, i: int, line: str, more: list[str]) -> None:
         """One entry through redirect.py: key line ``i`` (0-based) and its continuations."""
-        line_no = self.first + i + 1
-        origin = f"{self.path}:{line_no}"
+        origin = f"{self.path}:{self.first + i + 1}"
         line = line.rstrip(WHITE)
         if line.startswith('"'):  # a quoted key, or up to a colon or white space
             raw_key, end = unquote(line)
             if end < 0:
                 raise ForwardingSourceError(origin, "unterminated quoted key")
         else:
-            end = _KEY_END(line).end()
-            raw_key = line[:end]
+            raw_key = line[:(end := _KEY_END(line).end())]
         if not raw_key:
             raise ForwardingSourceError(origin, "empty key")
         rest = line[end:].lstrip(WHITE)
         data = " ".join([rest[1:] if rest.startswith(":") else rest,
                          *(m.strip(WHITE) for m in more)])
-        self.src.read(line_no - 1, raw_key, data, self.parser, self.local, self.domain, origin,
+        self.src.read(self.first + i, raw_key, data, self.parser, self.local, self.domain, origin,
                       self.warn, quoted=line.startswith('"'))
 
 
@@ -261,4 +262,6 @@ def _fold(items: list[str]) -> list[str]:
     joined = "\n".join(items)
     if joined == joined.lower():
         return items
-    return [s[:s.rfind("@") + 1] + s[s.rfind("@") + 1:].lower() for s in items]
+    # (a bare local part, no "@", has no domain: it stays as it is)
+    return [s[:s.rfind("@") + 1] + s[s.rfind("@") + 1:].lower() if "@" in s else s
+            for s in items]

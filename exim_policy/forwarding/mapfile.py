@@ -19,6 +19,7 @@ Import-light: ``exim-policy query`` (run by Exim per recipient) uses it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -151,16 +152,12 @@ def atomic_write(path: str, text: str) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, (old.st_mode & 0o7777) if old else 0o644)
         if old is not None and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
-            try:
+            with contextlib.suppress(PermissionError):  # (not root: ours, with the old mode)
                 os.chown(tmp, old.st_uid, old.st_gid)
-            except PermissionError:
-                pass  # not root: the file becomes ours, with the old mode
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
     try:

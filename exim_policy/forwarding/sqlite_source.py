@@ -7,6 +7,7 @@ a source ``@domain`` (Postfix-style catch-all) means ``*@domain``.  Entry ``i`` 
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import urllib.parse
 
@@ -25,7 +26,7 @@ def read(path: str, query: str, local: frozenset[str], *, domain: str = "",
         conn = sqlite3.connect("file:" + urllib.parse.quote(path) + "?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise ForwardingSourceError(path, f"cannot open database: {exc}") from None
-    try:
+    with contextlib.closing(conn):
         try:
             cursor = conn.execute(query)
         except sqlite3.Error as exc:
@@ -36,8 +37,6 @@ def read(path: str, query: str, local: frozenset[str], *, domain: str = "",
         except sqlite3.Error as exc:
             raise ForwardingSourceError(f"{path}:row {len(src.keys) + 1}",
                                         f"query failed: {exc}") from None
-    finally:
-        conn.close()
     return src
 
 
