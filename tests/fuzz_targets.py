@@ -836,7 +836,10 @@ LOCAL_DOMAINS = frozenset({"x.test", "y.test", "z.test"})
 #: the forwarding sources' files (in memory where /dev/shm is: a file per case)
 _SANDBOX = Path(tempfile.mkdtemp(prefix="exim-policy-fuzz-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-atexit.register(shutil.rmtree, _SANDBOX, True)
+_SANDBOX_OWNER = os.getpid()
+# (only in this process: a child forked by another test that exits through atexit must
+# not remove it under the tests still to run)
+atexit.register(lambda: os.getpid() == _SANDBOX_OWNER and shutil.rmtree(_SANDBOX, True))
 INCLUDE_FILE = _SANDBOX / "included"
 INCLUDE_FILE.write_bytes(b"inc1@x.test, out@gmail.example\n# comment\n\\local\n")
 _real_read_text = redirect.read_text
@@ -894,6 +897,7 @@ def lsearch_target(case: Case) -> str:
     ``file:line`` of a line the file has, never another exception; the bulk path, the
     redirect.py path (``_PLAIN`` empty) and tiny pieces (``PIECE_BYTES``) agree."""
     path = str(_SANDBOX / f"virtual-{os.getpid()}")
+    _SANDBOX.mkdir(exist_ok=True)
     with open(path, "wb") as fh:
         fh.write(case.data)
     case_sensitive, domain = bool(case.flags & 1), ("x.test" if case.flags & 2 else "")
