@@ -2,7 +2,6 @@
 sessions are few (MAX_SESSIONS), so none may stay taken by a client that has gone."""
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import smtplib
 import socket
@@ -11,35 +10,18 @@ import time
 
 import pytest
 
-from exim_policy.config import Config, QuarantineConfig, parse_listen
-from exim_policy.lab.ports import LOOPBACK, free_port
-from exim_policy.quarantine.receiver import MAX_SESSIONS, QuarantineReceiver
-from exim_policy.quarantine.store import QuarantineStore
+from exim_policy.lab.ports import LOOPBACK
+from exim_policy.quarantine.receiver import MAX_SESSIONS
+from test_quarantine_receiver import Running
 
 uvloop = pytest.importorskip("uvloop")  # the daemon's loop whenever it is installed
 
 
-class Receiver:
+class Receiver(Running):
     """The receiver on a uvloop event loop in a thread (the test is the client)."""
 
     def __init__(self, tmp_path, **keys) -> None:
-        self.port = free_port()
-        quarantine = QuarantineConfig(listen=(parse_listen(f"{LOOPBACK}:{self.port}"),),
-                                      path=str(tmp_path / "q"), **keys)
-        self.store = QuarantineStore(quarantine.path)
-        self.receiver = QuarantineReceiver(Config(quarantine=quarantine), self.store)
-        self.loop = uvloop.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.receiver.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(10)
+        super().__init__(tmp_path, new_loop=uvloop.new_event_loop, **keys)
 
     def block_loop(self, seconds: float) -> None:
         """Keep the loop busy (as under load) for ``seconds``: nothing is accepted."""
@@ -57,12 +39,6 @@ class Receiver:
         with smtplib.SMTP(LOOPBACK, self.port, timeout=10) as client:
             return client.sendmail("tester@lab.test", ["x@example.com"],
                                    b"Subject: held\r\n\r\nspam\r\n")
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.receiver.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.store.close()
 
 
 def test_connections_closed_before_they_were_accepted_give_their_sessions_back(tmp_path):

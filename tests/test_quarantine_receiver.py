@@ -30,14 +30,17 @@ def message(body: bytes = b"spam\r\n", extra: bytes = b"") -> bytes:
 class Running:
     """The receiver on its own event loop in a thread (the test is the SMTP client)."""
 
-    def __init__(self, tmp_path, incident_of=None, **keys) -> None:
+    def __init__(self, tmp_path, incident_of=None, new_loop=asyncio.new_event_loop,
+                 **keys) -> None:
+        """``new_loop``: the event loop's constructor (tests/test_hostile_quarantine.py:
+        uvloop's, the daemon's whenever it is installed)."""
         self.port = free_port()
         quarantine = QuarantineConfig(listen=(parse_listen(f"{LOOPBACK}:{self.port}"),),
                                       path=str(tmp_path / "q"), **keys)
         self.config = Config(quarantine=quarantine)
         self.store = QuarantineStore(quarantine.path)
         self.receiver = QuarantineReceiver(self.config, self.store, incident_of)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         started = threading.Event()
 
         def run() -> None:
