@@ -141,6 +141,15 @@ def test_scenarios(tmp_path, text, expected):
     ("a key with two @", "a@b@x.test: out@gmail.example\n"),
     ("no colon", "a@x.test out@gmail.example\n"),
     ("empty key", ": out@gmail.example\n"),
+    ("blackhole after plain items", "a@x.test: b@y.test, out@gmail.example, :blackhole:\n"),
+    ("blackhole in capitals", "a@x.test: out@gmail.example, :BlackHole:\n"),
+    ("blackhole with text", "a@x.test: :blackhole: gone, out@gmail.example\n"),
+    ("items after a blackhole are not read", "a@x.test: :blackhole:, out@@gmail.example\n"),
+    ("a bad item before a blackhole", "a@x.test: out@@gmail.example, :blackhole:\n"),
+    ("a blackhole glued to an item", "a@x.test: out@gmail.example:blackhole:\n"),
+    ("blackhole, then a continuation", "a@x.test: m@y.test, :blackhole:\n  out@gmail.example\n"),
+    ("a pipe and a bare local part before a blackhole",
+     "a@x.test: |/bin/true, b, :blackhole:\nb@x.test: out@gmail.example\n"),
 ])
 def test_lines_for_redirect_py(tmp_path, name, text):
     """Each input between plain lines: the same result (or error) either way."""

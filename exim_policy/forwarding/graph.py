@@ -204,8 +204,8 @@ class ForwardingGraph:
         self._cover: dict[str, list[tuple[int, int, int]]] = {}  # domain -> (source, W, entry)
         self._probes: dict[str, int] = {}
         self._mailboxes: list[str] = []  # (map builds: mailboxes a wildcard covers)
-        #: the local nodes in a domain some wildcard covers, and those domains
-        self._covered, self._covered_domains = [], []
+        #: the local nodes in a domain some wildcard covers (a 0/1 mask), and their domains
+        self._covered, self._covered_domains = b"", []
         self._forward: list[list[int]] | None = None
         self._build(sources)
 
@@ -360,11 +360,10 @@ class ForwardingGraph:
         domain resolves through that wildcard (``lsearch*@``: exact key first)."""
         if not self._cover:
             return
-        canonical = {d: d for d in self._cover}
-        domains = list(map(canonical.get, _domains(self._names)))  # (None: not covered)
-        mask = list(map(operator.gt, map(bool, domains), self._kind))  # (covered, LOCAL: 0)
-        self._covered = covered = list(compress(range(len(domains)), mask))
-        self._covered_domains = domains = list(compress(domains, mask))
+        domains = list(map({d: d for d in self._cover}.get, _domains(self._names)))  # (or None)
+        self._covered = bytes(map(operator.gt, map(bool, domains), self._kind))  # (LOCAL: 0)
+        covered = list(compress(range(len(domains)), self._covered))
+        self._covered_domains = domains = list(compress(domains, self._covered))
         for s in {s for wildcards in self._cover.values() for s, _w, _e in wildcards}:
             wild = {d: (w, e) for d, rows in self._cover.items() for t, w, e in rows if t == s}
             keys = keyed[s] if isinstance(keyed[s], range) else set(keyed[s])
@@ -393,7 +392,8 @@ class ForwardingGraph:
                           "white space in it)")
                 out.remove(address)
         if domains:
-            for u, domain in zip(self._covered, self._covered_domains, strict=False):
+            covered = compress(range(len(self._covered)), self._covered)
+            for u, domain in zip(covered, self._covered_domains, strict=False):
                 if domain in domains and not self.reached[u]:
                     self.warn(f"{self._names[u]} does not forward, but the map's @{domain} "
                               "entry matches it (a domain wildcard forwards; the map has no "
