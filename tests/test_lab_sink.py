@@ -30,6 +30,15 @@ def test_message_is_kept_in_memory_and_on_disk(smtp_sink: SmtpSink) -> None:
     assert stored.endswith(data)
 
 
+def test_a_sink_that_keeps_no_messages_writes_the_files_only(tmp_path) -> None:
+    with SmtpSink(tmp_path / "sink", keep_messages=False) as sink:
+        data = messages.ham(to="carol@example.com")
+        _send(sink, "tester@lab.test", ["carol@example.com"], data)
+        [stored] = sorted(sink.directory.glob("*.eml"))
+        assert sink.messages == []
+    assert stored.read_bytes().endswith(data)
+
+
 def test_dot_stuffing_and_null_sender(smtp_sink: SmtpSink) -> None:
     data = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
     _send(smtp_sink, "", ["postmaster@example.com"], data)

@@ -55,8 +55,11 @@ class SmtpSink:
     """See the module docstring.  ``start()``/``stop()`` are idempotent."""
 
     def __init__(self, directory: str | os.PathLike[str], *, host: str = LOOPBACK,
-                 port: int | None = None) -> None:
+                 port: int | None = None, keep_messages: bool = True) -> None:
+        """``keep_messages=False``: the files only, nothing in :attr:`messages` (a long
+        benchmark's hundred thousand messages would stay in memory)."""
         self.directory = Path(directory)
+        self.keep_messages = keep_messages
         self.host = host
         self.port = port or 0
         self._fixed_port = port is not None
@@ -115,6 +118,8 @@ class SmtpSink:
         with open(tmp, "wb") as fh:
             fh.write(head.encode("utf-8", "surrogateescape") + data)
         os.replace(tmp, path)
+        if not self.keep_messages:
+            return number
         with self._cond:
             self._messages.append(SinkMessage(mail_from, rcpt_tos, data))
             self._cond.notify_all()

@@ -46,9 +46,32 @@ class SpamdServer(StreamServer):
                  limits: Limits | None = None) -> None:
         super().__init__(config, handler, limits)
         self.addresses = config.listen
+        self._reclaim_timer: asyncio.TimerHandle | None = None
 
     def connection(self) -> asyncio.Protocol:
         return _Connection(self)
+
+    def stopping(self) -> None:
+        if self._reclaim_timer is not None:
+            self._reclaim_timer.cancel()
+            self._reclaim_timer = None
+
+    def reclaim(self) -> None:
+        """While requests wait for the body budget: close the holders whose bodies are too
+        slow to be complete in time (see _Connection), now and every
+        :data:`RECLAIM_EVERY` (one timer for the listener, however many wait)."""
+        self._reclaim_timer = None
+        if not self.limits.budget.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in self.connections:
+            if isinstance(conn, _Connection) and conn.too_slow(now):
+                conn.give_up_room()
+        self._reclaim_timer = loop.call_later(RECLAIM_EVERY, self.reclaim)
+
+    def reclaiming(self) -> bool:
+        return self._reclaim_timer is not None
 
 
 class _Connection(Connection):
@@ -56,10 +79,10 @@ class _Connection(Connection):
 
     def __init__(self, server: SpamdServer) -> None:
         super().__init__(server)
+        self.server: SpamdServer = server
         self.parser: RequestParser | None = None
         self.received = False
         self.granted_at = 0.0  # when its body's room was reserved
-        self.reclaim_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------- asyncio events --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,7 +109,6 @@ class _Connection(Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.parser = None
-        self._stop_reclaiming()
         super().connection_lost(exc)
 
     def shed(self) -> None:
@@ -97,7 +119,7 @@ class _Connection(Connection):
     # -------------------------------------------------------------- body budget --
     # A declared Content-length is reserved whole, at the end of the headers (a burst of
     # large messages then never deadlocks on half-reserved bodies). Its room must not be
-    # held by a body that trickles in: while a request waits for room, every second, a
+    # held by a body that trickles in: while a request waits for room (SpamdServer.reclaim), a
     # holder whose body, at the rate it arrives, cannot be complete before its
     # request_timeout is closed (it would fail anyway) and its room goes to the waiters.
     # (The HTTP front reserves bytes as they arrive: a trickle there holds only itself.)
@@ -108,13 +130,13 @@ class _Connection(Connection):
             self.granted_at = self.loop.time()
             return True
         self.wait_for_budget(amount, lambda: self._budget_granted(amount))
-        self._reclaim()
+        if not self.server.reclaiming():
+            self.server.reclaim()
         return False
 
     def _budget_granted(self, amount: int) -> None:
         self.budget_wait = None
         self.cancel_timer()
-        self._stop_reclaiming()
         if self.parser is None:  # shed or timed out meanwhile: hand the bytes on
             self.server.limits.budget.give_back(amount)
             return
@@ -127,26 +149,8 @@ class _Connection(Connection):
 
     def budget_expired(self) -> None:
         self.parser = None
-        self._stop_reclaiming()
         self._fail(ProtocolError(spamc.EX_TEMPFAIL, "Service Unavailable: too many bytes in "
                                               "flight, try again later"), counted=False)
-
-    def _reclaim(self) -> None:
-        """Close the holders whose bodies are too slow to be complete in time; again every
-        :data:`RECLAIM_EVERY` while this request still waits."""
-        self.reclaim_timer = None
-        if self.budget_wait is None:
-            return
-        now = self.loop.time()
-        for conn in self.server.connections:
-            if isinstance(conn, _Connection) and conn is not self and conn.too_slow(now):
-                conn.give_up_room()
-        self.reclaim_timer = self.loop.call_later(RECLAIM_EVERY, self._reclaim)
-
-    def _stop_reclaiming(self) -> None:
-        if self.reclaim_timer is not None:
-            self.reclaim_timer.cancel()
-            self.reclaim_timer = None
 
     def too_slow(self, now: float) -> bool:
         """Holding room for a declared body that, arriving at its rate so far, cannot be
