@@ -95,7 +95,8 @@ async def run(config: Config, *, config_path: str | Path | None = None,
     http = HttpServer(config.server, service.answer, limits)
     queries = QueryServer(config.server.query_listen, config.server.allowed_clients, forwards,
                           config.server.unix_socket_mode,
-                          accounts=accounts.status if accounts else None)
+                          accounts=accounts.status if accounts else None,
+                          max_connections=config.server.max_connections)
     quarantine = await open_quarantine(config, accounts) \
         if worker is None or worker.first else None
     # None: [metrics] off, nothing is counted

@@ -147,6 +147,9 @@ xd@d0.example: out@[127.0.0.1]
 xe@d0.example: @relay.example,@relay2.example:out@gmail.example
 xf@d0.example: "out@gmail.example"
 xg@d0.example: mbox@d0.example, out@gmail.example,,,
+xh@d0.example: /X=y/@gate.example
+xi@d0.example: mbox@d0.example, Gateway </S=x/@gate.example>
+xj@d0.example: "|/bin/true out@gmail.example"
 """
 
 
@@ -191,6 +194,6 @@ def test_exim_agrees(tmp_path, case):
     if case == "hand-written":
         assert graph.is_forwarding("quoted one@d0.example")
         expected_forwarding = {"a", "b", "e", "g", "j", "k", "k2", "l", "m", "n", "p", "r",
-                               "xb", "xc", "xd", "xe", "xf", "xg"}
+                               "xb", "xc", "xd", "xe", "xf", "xg", "xh", "xi"}
         assert {a.split("@")[0] for a, v in verdicts.items()
                 if v and a.endswith("@d0.example")} == expected_forwarding

@@ -238,6 +238,19 @@ def test_bad_requests_are_protocol_errors(data, status):
         assert isinstance(event, ProtocolError) and event.code == status, event
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_trailer_fields_are_not_read_as_headers(chunk):
+    # a chunked body's trailer "User:" would make inbound mail look authenticated
+    data = (b"POST /checkv2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Rcpt: <a@example.com>\r\n\r\n5\r\nhello\r\n0\r\nUser: mallory\r\n"
+            b"Settings-ID: none\r\n\r\n")
+    request = one_request(data, chunk)
+    assert request.body == b"hello"
+    assert [name.lower() for name, _ in request.headers] == [
+        "host", "transfer-encoding", "rcpt"]
+    assert checkv2.envelope(request).user is None
+
+
 def test_peer_closing_mid_request_is_an_error():
     conn, event = feed(b"POST /checkv2 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     assert event is NEED_DATA

@@ -441,3 +441,21 @@ def test_connect_and_close_is_not_logged_as_an_error(caplog):
     with caplog.at_level("INFO", logger="exim_policy.transport.spamd"):
         assert b"Action: no action" in asyncio.run(main())
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_a_flood_of_protocol_errors_is_a_few_log_lines(caplog):
+    from exim_policy.transport.listeners import PROTOCOL_ERROR_BURST
+
+    async def main():
+        server, port = await start(FakeScanner())
+        try:
+            return [await exchange(port, b"garbage %d\r\n\r\n" % i) for i in range(40)]
+        finally:
+            await server.stop()
+
+    with caplog.at_level("WARNING"):
+        replies = asyncio.run(main())
+    assert all(reply.startswith(b"SPAMD/1.0 76 ") for reply in replies), replies[0]
+    lines = [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
+    assert len(lines) == PROTOCOL_ERROR_BURST < 40
+    assert lines[0].startswith("protocol error from ('127.0.0.1', ")

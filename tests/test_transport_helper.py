@@ -121,3 +121,30 @@ def test_query_command_8bit_address(tmp_path, capsys):
     config.write_text(f'[forwarding]\nmap = "{fmap}"\n')
     assert cli.main(["query", "forwarding", "J\u00f6rg@Lab.test", "--config", str(config)]) == 0
     assert capsys.readouterr().out == "yes\n"
+
+
+def test_idle_connections_are_bounded_and_queries_still_answered():
+    """10,000 idle connections once held 10,022 descriptors for the 5 s read timeout
+    (bench/bench_hostile.py): the table sheds the one that has waited longest."""
+    async def main():
+        server = QueryServer((ListenAddress(host="127.0.0.1", port=0),),
+                             from_dict({}).server.allowed_clients, FMAP.forwards,
+                             max_connections=8)
+        await server.start()
+        port = server.sockets[0].getsockname()[1]
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
+            answers = [await _ask(port, b"forwarding fwd@example.com\n") for _ in range(3)]
+            await asyncio.sleep(0.05)
+            open_now = len(server.connections)
+            # the first ones were shed: they read EOF at once, not after the timeout
+            shed = await asyncio.wait_for(idle[0][0].read(), 1)
+            for _reader, writer in idle:
+                writer.close()
+        finally:
+            await server.stop()
+        return answers, open_now, shed
+
+    answers, open_now, shed = asyncio.run(main())
+    assert answers == [b"yes"] * 3
+    assert open_now <= 8 and shed == b""

@@ -75,3 +75,14 @@ def test_tally_logs_the_first_event_then_one_line_per_period(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "shed a connection from x",
         "shed a connection from x (4 times in the last 10s)"]
+
+
+def test_tally_with_a_burst_logs_that_many_events_per_period(caplog):
+    tally = Tally(logging.getLogger("t"), logging.WARNING, every=10.0, burst=2)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for now, peer in ((0.0, "a"), (1.0, "b"), (2.0, "c"), (3.0, "d"), (11.0, "e"),
+                          (12.0, "f"), (13.0, "g")):
+            tally.hit(now, "protocol error from %s", peer)
+    assert [r.getMessage() for r in caplog.records] == [
+        "protocol error from a", "protocol error from b",
+        "protocol error from e (3 times in the last 10s)", "protocol error from f"]

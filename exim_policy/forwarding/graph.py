@@ -95,13 +95,14 @@ class Source:
             self.chunks.append(([], []))
         addresses, owners = self.chunks[-1]
         for t in targets:
-            if t[0] == "\\" and "@" in t and t[t.rfind("@") + 1:] not in local:
-                t = t[1:]  # (no further redirection, but it leaves)
-            elif t[0] in END_START:
-                if self.detail:
-                    self.end_targets.append(t)
-                    self.end_owners.append(entry)
-                continue
+            if t[0] in END_START and t.__class__ is str:  # (not an Address)
+                if t[0] == "\\" and "@" in t and t[t.rfind("@") + 1:] not in local:
+                    t = t[1:]  # (no further redirection, but it leaves)
+                else:
+                    if self.detail:
+                        self.end_targets.append(t)
+                        self.end_owners.append(entry)
+                    continue
             addresses.append(t)
             owners.append(entry)
 

@@ -21,7 +21,8 @@ checked against ``exim -bt`` (tests/test_forwarding_exim.py):
 
 Targets are ``local@domain`` (see addresses.py), a bare local part (only the ``*`` key's:
 the graph qualifies them per domain), or a *local end*, known by its first character:
-``:blackhole:``, ``:defer: text``, ``:fail: text``, ``|command``, ``/file``, ``\\address``.
+``:blackhole:``, ``:defer: text``, ``:fail: text``, ``|command``, ``/file``, ``\\address`` (an
+address that starts with one of those characters is an :class:`Address`).
 """
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ import re
 from .addresses import (ESCAPED, WHITE, ForwardingSourceError, normalize, parse_address,
                         read_text)
 
-#: first characters of the targets that are local ends
+#: first characters of the targets that are local ends (unless they are an Address)
 END_START = frozenset(":|/\\")
+
+
+class Address(str):
+    """An address target that starts as a local end would (``/X=y/@gate.example``, an X.400
+    gateway's; a quoted local part ``":x"@example.com``): the graph follows it."""
+
+    __slots__ = ()
 _SPECIALS = (":blackhole:", ":defer:", ":fail:")
 #: characters where the scan of an item has something to do
 _STOP = re.compile(r'[\\"(<>:,\n]').search
@@ -151,7 +159,8 @@ class RedirectParser:
             if domain is None:
                 return prefix + (local if self.case_sensitive else local.lower())
             dom = domain
-        return prefix + normalize(local, dom, self.case_sensitive)
+        address = normalize(local, dom, self.case_sensitive)
+        return Address(address) if address[0] in END_START and not prefix else prefix + address
 
     def _include(self, path: str, domain: str | None, origin: str
                  ) -> tuple[list[str], str | None]:

@@ -231,6 +231,10 @@ class CheckV2Connection:
         # (a head that came whole in one read is bounded here: receive_data counts only
         # the reads that end inside it)
         self._count_head(len(name) + len(value) + 4)
+        if self._in_body:
+            # a trailer field after a chunked body: counted, never read as a header (a
+            # trailer "User:" or "Settings-Id:" must not steer the scan)
+            return
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if name.lower() == b"content-length" and value.isdigit():
             self._length = int(value)

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 
 from ..model import AccountStatus
 from ..state.names import user_account
+from ..tally import Tally
+from .limits import ConnectionTable
 from .listeners import client_allowed, start_listeners
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,19 @@ def answer(line: bytes, forwards: Callable[[str], bool]) -> bytes:
 
 class QueryServer:
     def __init__(self, addresses, allowed_clients, forwards: Callable[[str], bool],
-                 unix_mode: int = 0o666, accounts: AccountStatusOf | None = None) -> None:
+                 unix_mode: int = 0o666, accounts: AccountStatusOf | None = None,
+                 max_connections: int = 1024) -> None:
         """``accounts``: answers ``account USER`` from the store (None: accounts off, the
-        answer is always ``ok``)."""
+        answer is always ``ok``). ``max_connections``: open connections (a table of this
+        listener's own, so a flood here never sheds a scan's connection); when full, the
+        one that has waited longest for its request line is closed to make room."""
         self.addresses = addresses
         self.unix_mode = unix_mode
         self.allowed_clients = allowed_clients
         self.forwards = forwards
         self.accounts = accounts
+        self.connections = ConnectionTable(max_connections)
+        self.shed = Tally(log, logging.WARNING)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -108,8 +115,23 @@ class _QueryConnection(asyncio.Protocol):
         if not client_allowed(transport.get_extra_info("peername"), self.server.allowed_clients):
             transport.close()
             return
+        # refused only when every open connection has its answer under way (an account
+        # lookup in the store): there is none to shed
+        if not self.server.connections.admit(self):
+            transport.abort()
+            return
         # a silent client gets nothing and is dropped; the next one is served
         self.timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, transport.close)
+
+    def shed(self) -> None:
+        """The table is full and this connection has waited longest for its line."""
+        self.server.shed.hit(asyncio.get_running_loop().time(), "query: closed the connection "
+                             "that had waited longest for its request, to make room "
+                             "(server.max_connections = %d)", self.server.connections.limit)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.timer is None:
@@ -128,6 +150,7 @@ class _QueryConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.forget(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -135,6 +158,7 @@ class _QueryConnection(asyncio.Protocol):
     def _reply(self, line: bytes | None) -> None:
         self.timer.cancel()
         self.timer = None
+        self.server.connections.read_done(self)
         if line is None:
             self._send(b"error request too long")
             return

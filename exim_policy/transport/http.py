@@ -194,7 +194,8 @@ class _HttpConnection(Connection):
         if not quiet:
             if self.server.metrics is not None:
                 self.server.metrics.protocol_error(self.server.name)
-            log.warning("HTTP protocol error from %s: %s %s", self.peer, error.code, error.text)
+            self.server.protocol_errors.hit(self.loop.time(), "HTTP protocol error from %s: "
+                                            "%s %s", self.peer, error.code, error.text)
         self.codec = None
         self.transport.write(CheckV2Connection.send_error(error))
         self.transport.close()

@@ -216,7 +216,8 @@ class _Connection(Connection):
         """Answer ``error`` and close; ``counted``: a protocol error (not a limit)."""
         if counted and self.server.metrics is not None:
             self.server.metrics.protocol_error(self.server.name)
-        log.warning("protocol error from %s: %s", self.peer, error.text)
+        self.server.protocol_errors.hit(self.loop.time(), "protocol error from %s: %s",
+                                        self.peer, error.text)
         self.transport.write(spamc.build_error(error.code, error.text))
         self.transport.close()
 
