@@ -96,13 +96,12 @@ class Source:
         addresses, owners = self.chunks[-1]
         for t in targets:
             if t[0] in END_START and t.__class__ is str:  # (not an Address)
-                if t[0] == "\\" and "@" in t and t[t.rfind("@") + 1:] not in local:
-                    t = t[1:]  # (no further redirection, but it leaves)
-                else:
+                if t[0] != "\\" or "@" not in t or t[t.rfind("@") + 1:] in local:
                     if self.detail:
                         self.end_targets.append(t)
                         self.end_owners.append(entry)
                     continue
+                t = t[1:]  # (\address, not local: no further redirection, but it leaves)
             addresses.append(t)
             owners.append(entry)
 

@@ -33,17 +33,16 @@ from .addresses import (ESCAPED, WHITE, ForwardingSourceError, normalize, parse_
 
 #: first characters of the targets that are local ends (unless they are an Address)
 END_START = frozenset(":|/\\")
+_SPECIALS = (":blackhole:", ":defer:", ":fail:")
+#: characters where the scan of an item has something to do
+_STOP = re.compile(r'[\\"(<>:,\n]').search
+_SEPARATORS = re.compile(r"[ \t\n\r\v\f,]*").match
 
 
 class Address(str):
     """An address target that starts as a local end would (``/X=y/@gate.example``, an X.400
     gateway's; a quoted local part ``":x"@example.com``): the graph follows it."""
-
     __slots__ = ()
-_SPECIALS = (":blackhole:", ":defer:", ":fail:")
-#: characters where the scan of an item has something to do
-_STOP = re.compile(r'[\\"(<>:,\n]').search
-_SEPARATORS = re.compile(r"[ \t\n\r\v\f,]*").match
 
 
 def _item_end(text: str, i: int) -> int:
